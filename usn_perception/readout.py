@@ -1,0 +1,56 @@
+"""Heatmaps → keypoint coordinates (in heatmap cells), the two readouts that get certified.
+
+``soft-argmax`` is the expectation of the cell coordinates under ``softmax`` of all the cells
+of a heatmap (sub-cell precision, differentiable: it is what training optimises).
+``argmax`` is the cell with the largest logit (first one on ties). Both return coordinates in
+heatmap cells; :class:`usn_perception.preprocess.PixelMapping` maps them to image pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from usn_perception.network import READOUTS
+
+
+def cell_grid(height: int, width: int, dtype: torch.dtype = torch.float64) -> tuple:
+    """Flattened (u, v) coordinates of every heatmap cell, row-major like ``view(-1)``."""
+    v, u = torch.meshgrid(
+        torch.arange(height, dtype=dtype), torch.arange(width, dtype=dtype), indexing='ij'
+    )
+    return u.reshape(-1), v.reshape(-1)
+
+
+def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(..., K, H, W) logits → (..., K, 2) expected (u, v) in heatmap cells."""
+    h, w = heatmaps.shape[-2:]
+    p = torch.softmax(heatmaps.flatten(-2), dim=-1)
+    gu, gv = cell_grid(h, w, heatmaps.dtype)
+    return torch.stack([p @ gu, p @ gv], dim=-1)
+
+
+def hard_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(..., K, H, W) logits → (..., K, 2) (u, v) of the largest cell, first on ties."""
+    w = heatmaps.shape[-1]
+    idx = heatmaps.flatten(-2).argmax(dim=-1)
+    return torch.stack([idx % w, idx // w], dim=-1).to(heatmaps.dtype)
+
+
+def read_keypoints(heatmaps: torch.Tensor, readout: str) -> torch.Tensor:
+    """Dispatch on the readout name."""
+    if readout == 'soft-argmax':
+        return soft_argmax(heatmaps)
+    if readout == 'argmax':
+        return hard_argmax(heatmaps)
+    raise ValueError(f'unknown readout {readout!r}; choose one of {READOUTS}')
+
+
+def peak_scores(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(..., K) confidence in [0, 1]: softmax mass in the 3x3 cells around the argmax."""
+    shape = heatmaps.shape
+    h, w = shape[-2:]
+    flat = heatmaps.reshape(-1, h, w)
+    p = torch.softmax(flat.flatten(-2), dim=-1).view(-1, 1, h, w)
+    mass = torch.nn.functional.avg_pool2d(p, 3, stride=1, padding=1, count_include_pad=True) * 9
+    idx = flat.flatten(-2).argmax(dim=-1)
+    return mass.flatten(-3).gather(1, idx[:, None])[:, 0].view(shape[:-2])
