@@ -10,9 +10,9 @@ pickled, or does not match its JSON is refused with :class:`ModelFileError`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -64,22 +64,19 @@ def save_model(
     pt_path = json_path.with_suffix('.pt')
     state = {k: v.detach().to('cpu', torch.float32).clone() if v.is_floating_point()
              else v.detach().to('cpu').clone() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=json_path.parent, suffix='.pt.tmp')
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        digest = sha256_file(Path(tmp))
-        doc = {
-            'format': FORMAT,
-            'architecture': config.to_json(),
-            'weights': pt_path.name,
-            'weights_sha256': digest,
-            'metadata': metadata or {},
-        }
-        os.replace(tmp, pt_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory: the archive name does not depend on a file name
+    payload = buffer.getvalue()
+    doc = {
+        'format': FORMAT,
+        'architecture': config.to_json(),
+        'weights': pt_path.name,
+        'weights_sha256': hashlib.sha256(payload).hexdigest(),
+        'metadata': metadata or {},
+    }
+    tmp = pt_path.with_suffix('.pt.tmp')
+    tmp.write_bytes(payload)
+    os.replace(tmp, pt_path)
     tmp_json = json_path.with_suffix('.json.tmp')
     tmp_json.write_text(json.dumps(doc, indent=2, sort_keys=True) + '\n')
     os.replace(tmp_json, json_path)
