@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from usn_perception.cli import _COMMANDS, build_parser, main
+from usn_perception.cli import build_parser, load_commands, main
+
+_COMMANDS = load_commands()
 
 
 def test_top_level_help_lists_every_command(capsys):

@@ -1,0 +1,64 @@
+"""``usn-perception``: the offline command-line front (datasets, training, models, evaluation).
+
+Each subcommand is a small function over the core, registered by one module of this package;
+errors the core raises on purpose (:class:`UsnPerceptionError`) and missing files become one
+line on stderr naming the file and the problem, and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from usn_perception.cli.registry import COMMANDS
+from usn_perception.errors import UsnPerceptionError
+
+#: Modules that register subcommands, in the order they appear in --help.
+COMMAND_MODULES = ('data', 'models', 'demo')
+
+
+def load_commands() -> dict:
+    """Import every command module (each registers its subcommands) and return the registry."""
+    for name in COMMAND_MODULES:
+        importlib.import_module(f'usn_perception.cli.{name}')
+    return COMMANDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    load_commands()
+    parser = argparse.ArgumentParser(
+        prog='usn-perception',
+        description='Certified keypoint perception under brightness/contrast change.')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.add_argument('--progress', action='store_true',
+                        help='progress bars even when stderr is not a terminal')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for name, (fn, configure, summary, example) in COMMANDS.items():
+        doc = textwrap.dedent(fn.__doc__ or '').strip()
+        p = sub.add_parser(name, help=summary, description=f'{summary}.\n\n{doc}',
+                           epilog=f'example:\n  {example}',
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        configure(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, dispatch, and turn expected errors into a message and exit status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UsnPerceptionError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f'usn-perception {args.command}: error: {e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'usn-perception {args.command}: interrupted', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())
