@@ -34,7 +34,16 @@ def ros_environment() -> dict[str, str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Apply env.sh unless the caller already did (``make test`` sources it)."""
+    """Apply env.sh unless the caller already did, and use one torch thread per process.
+
+    Tests run in parallel (xdist) on a 2-core machine: torch's default of one thread per core
+    then oversubscribes the CPU, and its spinning threads made small models ~100x slower.
+    Subprocesses (the node, CLI runs) inherit OMP_NUM_THREADS=1.
+    """
+    os.environ['OMP_NUM_THREADS'] = '1'
+    import torch
+
+    torch.set_num_threads(1)
     wanted = ros_environment()
     for key, value in wanted.items():
         if key == 'ROS_DOMAIN_ID' and os.environ.get(key):

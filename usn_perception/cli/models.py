@@ -55,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed)
     summary = {'train': str(train_path), 'val': str(val_path),
-               'train_images': len(train_set), 'val_images': len(val_set)}
+               'train_images': len(train_set), 'val_images': len(val_set),
+               'train_info': train_set.info}
     metrics = train_detector(train_set, val_set, args.out, config=config, options=opts,
                              progress=progress(args), data_summary=summary)
     v = metrics['val']
