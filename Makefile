@@ -10,7 +10,7 @@ REQS := requirements/constraints.txt requirements/torch.txt requirements/base.tx
 PIP := $(PY) -m pip install --disable-pip-version-check -c requirements/constraints.txt
 RUN := source env.sh &&
 DEMO_OUT ?= demo_output
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup test demo lint clean bench
 

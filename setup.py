@@ -40,6 +40,7 @@ setup(
     entry_points={
         'console_scripts': [
             'usn-perception = usn_perception.cli:main',
+            'usn_perception_node = usn_perception.ros.node:main',
         ],
     },
 )

@@ -74,3 +74,12 @@ def test_make_dataset_refuses_existing_output(tmp_path, capsys):
     assert code == 1
     assert (tmp_path / 'full' / 'keep.txt').read_text() == 'precious'
     assert 'full' in capsys.readouterr().err
+
+
+def test_negative_number_lists_are_values():
+    from usn_perception.cli import join_negative_lists
+
+    assert join_negative_lists(['certify', '--beta', '-0.1,0.1', '--alpha', '0.8,1.2']) == [
+        'certify', '--beta=-0.1,0.1', '--alpha', '0.8,1.2']
+    assert join_negative_lists(['--beta', '-1e-2,2']) == ['--beta=-1e-2,2']
+    assert join_negative_lists(['--quiet', '--out', 'x']) == ['--quiet', '--out', 'x']

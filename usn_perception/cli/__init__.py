@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from usn_perception.cli.registry import COMMANDS
 from usn_perception.errors import UsnPerceptionError
 
 #: Modules that register subcommands, in the order they appear in --help.
-COMMAND_MODULES = ('data', 'models', 'demo')
+COMMAND_MODULES = ('data', 'models', 'certify', 'demo')
 
 
 def load_commands() -> dict:
@@ -47,8 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NUMBER_LIST = re.compile(r'^-\d*\.?\d+([eE][-+]?\d+)?(,-?\d*\.?\d+([eE][-+]?\d+)?)+$')
+
+
+def join_negative_lists(argv: Sequence[str]) -> list[str]:
+    """Let ``--beta -0.1,0.1`` mean ``--beta=-0.1,0.1`` (argparse reads it as an option)."""
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1].startswith('--') and '=' not in out[-1] and _NUMBER_LIST.match(tok):
+            out[-1] = f'{out[-1]}={tok}'
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, dispatch, and turn expected errors into a message and exit status 1."""
+    argv = join_negative_lists(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

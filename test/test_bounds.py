@@ -1,0 +1,382 @@
+"""The bound engine on its own: boxes, forms, input stage, layers, readout programs, splitting.
+
+Soundness is checked against sampled θ on networks that use every supported layer kind, with
+random weights and batch-norm statistics (negative scales included) so that no layer is an
+identity in disguise.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from usn_perception.bounds.box import Budget, PhotometricBox, split_boxes
+from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
+from usn_perception.bounds.inputs import ImageEncoding
+from usn_perception.bounds.layers import SUPPORTED_LAYERS, compile_network
+from usn_perception.bounds.propagate import BudgetExceeded, propagate
+from usn_perception.bounds.spec import argmax_bounds, coupled_max, lfp_max
+from usn_perception.bounds.split import refine
+from usn_perception.detector import Detector
+from usn_perception.errors import UnsupportedLayerError
+from usn_perception.network import DetectorConfig, InputNormalization, build_network
+
+F64 = torch.float64
+
+
+def _randomise_bn(net: nn.Module, gen: torch.Generator) -> None:
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm2d,)):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen, dtype=F64) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=F64) * 1.5 + 0.3)
+            m.weight.data.copy_(torch.randn(c, generator=gen, dtype=F64))  # signs mixed
+            m.bias.data.copy_(torch.randn(c, generator=gen, dtype=F64) * 0.3)
+
+
+def _sample_thetas(boxes: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(N, n, 2) θ per sub-box: the 4 corners, edge midpoints and random interior points."""
+    u = torch.rand(boxes.shape[0], n, 2, generator=gen, dtype=F64)
+    fixed = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [0.5, 0], [0, 0.5], [1, 0.5],
+                          [0.5, 1]], dtype=F64)
+    u[:, :8] = fixed
+    a = boxes[:, None, 0] + u[..., 0] * (boxes[:, None, 1] - boxes[:, None, 0])
+    b = boxes[:, None, 2] + u[..., 1] * (boxes[:, None, 3] - boxes[:, None, 2])
+    return torch.stack([a, b], -1)
+
+
+SUB_BOXES = torch.tensor([[0.8, 1.2, -0.1, 0.1], [0.95, 1.05, -0.03, 0.03],
+                          [1.0, 1.0, 0.05, 0.05], [0.5, 1.7, -0.4, 0.5],
+                          [1.1, 1.2, -0.3, -0.2]], dtype=F64)
+
+
+# --- boxes and budgets ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('alpha, beta', [
+    ((1.2, 0.8), (0, 0)), ((0.0, 1.0), (0, 0)), ((-1.0, 1.0), (0, 0)), ((1, 1), (0.1, -0.1)),
+    ((float('nan'), 1), (0, 0)), ((1, float('inf')), (0, 0)), ((1, 1), (0, float('nan'))),
+    ((1,), (0, 0)), ('ab', (0, 0)),
+])
+def test_photometric_box_rejects_invalid(alpha, beta):
+    with pytest.raises(ValueError):
+        PhotometricBox(alpha, beta)
+
+
+def test_photometric_box_helpers():
+    box = PhotometricBox((0.8, 1.2), (-0.1, 0.1))
+    assert box.corners() == [(0.8, -0.1), (0.8, 0.1), (1.2, -0.1), (1.2, 0.1)]
+    assert box.scaled(0.5) == PhotometricBox((0.9, 1.1), (-0.05, 0.05))
+    assert box.scaled(0.0).is_point and box.scaled(0.0).contains(1.0, 0.0)
+    parts = box.split(3, 2)
+    assert len(parts) == 6
+    assert min(p.alpha[0] for p in parts) == 0.8 and max(p.alpha[1] for p in parts) == 1.2
+    assert PhotometricBox.point(1.1, 0.02).widths == (0.0, 0.0)
+    assert PhotometricBox.coerce(((0.9, 1.1), (0, 0))) == PhotometricBox((0.9, 1.1), (0, 0))
+    with pytest.raises(ValueError):
+        PhotometricBox.coerce('nope')
+    with pytest.raises(ValueError):
+        box.scaled(-1.0)
+    with pytest.raises(ValueError):
+        box.scaled(6.0)  # alpha_lo would be negative
+
+
+@pytest.mark.parametrize('kwargs', [{'max_subboxes': 0}, {'max_subboxes': 1.5},
+                                    {'max_subboxes': 1, 'max_ms': 0},
+                                    {'max_subboxes': 1, 'max_ms': float('inf')}])
+def test_budget_rejects_invalid(kwargs):
+    with pytest.raises(ValueError):
+        Budget(**kwargs)
+
+
+def test_split_boxes_covers_parent_exactly():
+    boxes = SUB_BOXES[:2]
+    kids = split_boxes(boxes, torch.tensor([0, 1]))
+    assert kids.shape == (4, 4)
+    assert kids[0, 1] == kids[1, 0] and kids[0, 0] == boxes[0, 0] and kids[1, 1] == boxes[0, 1]
+    assert kids[2, 3] == kids[3, 2] and kids[2, 2] == boxes[1, 2] and kids[3, 3] == boxes[1, 3]
+
+
+# --- forms -----------------------------------------------------------------------------------
+
+def test_form_range_is_exact_over_corners():
+    gen = torch.Generator().manual_seed(0)
+    form = torch.randn(5, 3, 7, generator=gen, dtype=F64)
+    lo, hi = form_range(form, SUB_BOXES)
+    corners = form_corners(form, SUB_BOXES)
+    torch.testing.assert_close(lo, corners.min(1).values, rtol=0, atol=1e-14)
+    torch.testing.assert_close(hi, corners.max(1).values, rtol=0, atol=1e-14)
+    inner = form_at(form, _sample_thetas(SUB_BOXES, 50, gen)[:, 20])
+    assert bool(((inner >= lo - 1e-14) & (inner <= hi + 1e-14)).all())
+
+
+# --- input stage -----------------------------------------------------------------------------
+
+def _det(input_size=(32, 24)) -> Detector:
+    config = DetectorConfig(input_size=input_size, widths=(4,) * 9)
+    return Detector(build_network(config).eval(), config)
+
+
+@pytest.mark.parametrize('shape, dtype', [((30, 40), np.uint8), ((30, 40, 3), np.uint8),
+                                          ((50, 70), np.float64), ((23, 17, 3), np.float64),
+                                          ((24, 32), np.uint16), ((24, 32, 1), np.uint8)])
+def test_encoding_reproduces_preprocessing(shape, dtype):
+    rng = np.random.default_rng(1)
+    if dtype == np.float64:
+        img = rng.random(shape)
+    else:
+        img = rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    det = _det()
+    enc = ImageEncoding(img, det.config.input_size)
+    xf = img.astype(np.float64) / (np.iinfo(dtype).max if dtype != np.float64 else 1.0)
+    for a, b in [(1.0, 0.0), (0.7, 0.25), (1.4, -0.3)]:
+        got = enc.evaluate(torch.tensor([[a, b]], dtype=F64))
+        want = det.network_input(np.clip(a * xf + b, 0.0, 1.0))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize('rgb', [False, True])
+def test_input_bounds_contain_samples(rgb):
+    rng = np.random.default_rng(2)
+    img = rng.random((20, 28, 3) if rgb else (20, 28))
+    img[:5] = 0.0  # exact zeros and ones: saturate for every θ on one side
+    img[-5:] = 1.0
+    enc = ImageEncoding(img, (16, 16))
+    gen = torch.Generator().manual_seed(3)
+    thetas = _sample_thetas(SUB_BOXES, 40, gen)
+    centre, radius = enc.forms(SUB_BOXES)
+    c_ibp, r_ibp = enc.intervals(SUB_BOXES)
+    for i in range(thetas.shape[1]):
+        x = enc.evaluate(thetas[:, i])  # (N, 1, H, W)
+        lo = form_at(lower(centre, radius), thetas[:, i])
+        hi = form_at(upper(centre, radius), thetas[:, i])
+        assert lo.shape == x.shape
+        assert bool(((x >= lo - 1e-12) & (x <= hi + 1e-12)).all())
+        assert bool(((x >= (c_ibp - r_ibp)[:, 0] - 1e-12)
+                     & (x <= (c_ibp + r_ibp)[:, 0] + 1e-12)).all())
+        if i == 0:  # the input is exact where no pixel can clip
+            assert float((hi - lo).min()) == 0.0
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+def _zoo(seed: int) -> list[tuple[str, nn.Sequential, tuple[int, ...]]]:
+    """Small networks that together use every supported layer kind."""
+    torch.manual_seed(seed)
+    conv_stack = nn.Sequential(
+        InputNormalization(0.4, 0.3),
+        nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False), nn.ReLU(),
+        nn.BatchNorm2d(6),  # standalone (not after a conv): an elementwise affine op
+        nn.Conv2d(6, 6, 3, padding=1, groups=2, padding_mode='reflect'), nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 3, 1), nn.Identity()),
+    )
+    pool_stack = nn.Sequential(
+        InputNormalization(0.5, 0.25),
+        nn.Conv2d(1, 5, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(5, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(5, 2, 1),
+    )
+    dense = nn.Sequential(
+        InputNormalization(0.5, 0.25), nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(3 * 8 * 8, 20), nn.ReLU(), nn.Linear(20, 4),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    nets = [('conv', conv_stack, (1, 16, 16)), ('pool', pool_stack, (1, 16, 16)),
+            ('dense', dense, (1, 16, 16))]
+    for _, net, _ in nets:
+        net.double().eval()
+        _randomise_bn(net, gen)
+    return nets
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize('relu', ['parallel', 'adaptive', 'interval'])
+def test_propagation_contains_samples_for_every_layer_kind(seed, relu):
+    rng = np.random.default_rng(seed)
+    img = rng.random((16, 16))
+    img[:3] = 0.02  # dark rows: the clip at 0 is active for negative β
+    img[-3:] = 0.97  # bright rows: the clip at 1 is active
+    enc = ImageEncoding(img, (16, 16))
+    gen = torch.Generator().manual_seed(seed + 10)
+    thetas = _sample_thetas(SUB_BOXES, 24, gen)
+    for name, net, shape in _zoo(seed):
+        compiled = compile_network(net, shape)
+        if relu == 'interval':
+            c, r = enc.intervals(SUB_BOXES)
+        else:
+            c, r = enc.forms(SUB_BOXES)
+        with torch.no_grad():
+            centre, radius, _ = propagate(compiled, c, r, SUB_BOXES, relu=relu)
+            lo_box = form_range(lower(centre, radius), SUB_BOXES)[0]
+            hi_box = form_range(upper(centre, radius), SUB_BOXES)[1]
+            for i in range(thetas.shape[1]):
+                y = net(enc.evaluate(thetas[:, i]))
+                lo = form_at(lower(centre, radius), thetas[:, i])
+                hi = form_at(upper(centre, radius), thetas[:, i])
+                tol = 1e-9 * (1 + y.abs())
+                assert lo.shape == y.shape
+                assert bool(((y >= lo - tol) & (y <= hi + tol)).all()), (name, relu)
+                assert bool(((y >= lo_box - tol) & (y <= hi_box + tol)).all()), (name, relu)
+
+
+def test_point_box_is_exact():
+    img = np.random.default_rng(0).random((16, 16))
+    enc = ImageEncoding(img, (16, 16))
+    box = torch.tensor([[1.1, 1.1, -0.05, -0.05]], dtype=F64)
+    for _, net, shape in _zoo(3):
+        c, r = enc.forms(box)
+        with torch.no_grad():
+            centre, radius, unstable = propagate(compile_network(net, shape), c, r, box)
+            y = net(enc.evaluate(box[:, [0, 2]]))
+        assert int(unstable.sum()) == 0 and float(radius.abs().max()) == 0.0
+        torch.testing.assert_close(form_at(centre, box[:, [0, 2]]), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('layer, name', [(nn.Sigmoid(), 'Sigmoid'), (nn.MaxPool2d(2), 'MaxPool2d'),
+                                         (nn.Upsample(scale_factor=2, mode='bilinear'),
+                                          'Upsample'), (nn.Dropout(), 'Dropout')])
+def test_unsupported_layer_is_named(layer, name):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), layer, nn.Conv2d(2, 1, 1))
+    with pytest.raises(UnsupportedLayerError) as err:
+        compile_network(net.double().eval(), (1, 8, 8))
+    msg = str(err.value)
+    assert 'layer 2' in msg and name in msg and 'Conv2d' in msg and 'supported layers' in msg
+    assert SUPPORTED_LAYERS[0] in msg
+
+
+def test_nested_layer_name_and_training_batchnorm():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.ReLU(), nn.Tanh())).double()
+    with pytest.raises(UnsupportedLayerError, match=r'layer 1\.1 \(Tanh\)'):
+        compile_network(net.eval(), (1, 8, 8))
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).double().train()
+    with pytest.raises(UnsupportedLayerError, match='training mode'):
+        compile_network(bn, (1, 8, 8))
+    with pytest.raises(UnsupportedLayerError, match='Sequential'):
+        compile_network(nn.Conv2d(1, 2, 3).double(), (1, 8, 8))
+
+
+def test_compile_cache_follows_in_place_changes():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU()).double()
+    net.eval()
+    first = compile_network(net, (1, 8, 8))
+    assert compile_network(net, (1, 8, 8)) is first
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    second = compile_network(net, (1, 8, 8))
+    assert second is not first
+    x = torch.rand(1, 1, 8, 8, dtype=F64)
+    torch.testing.assert_close(second.forward(x), net(x))
+    net.train()
+    with pytest.raises(UnsupportedLayerError):
+        compile_network(net, (1, 8, 8))
+
+
+def test_deadline_interrupts_propagation():
+    net = _zoo(0)[0][1]
+    enc = ImageEncoding(np.random.default_rng(0).random((16, 16)), (16, 16))
+    c, r = enc.forms(SUB_BOXES)
+    with pytest.raises(BudgetExceeded):
+        propagate(compile_network(net, (1, 16, 16)), c, r, SUB_BOXES, deadline=0.0)
+
+
+# --- readout programs ------------------------------------------------------------------------
+
+def _brute_lfp_max(dl: np.ndarray, du: np.ndarray, c: np.ndarray) -> float:
+    best = -np.inf
+    for bits in itertools.product([0, 1], repeat=len(c)):
+        w = np.where(np.array(bits, bool), np.exp(du), np.exp(dl))
+        best = max(best, float((w * c).sum() / w.sum()))
+    return best
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_lfp_max_is_exact(seed):
+    rng = np.random.default_rng(seed)
+    n = 9
+    dl = rng.normal(0, 2, (3, n))
+    du = dl + rng.random((3, n)) * 3
+    dl[:, 0] = du[:, 0] = 0.0
+    coords = np.array([0, 1, 1, 2, 3, 5, 5, 5, 8], dtype=float)  # ties on purpose
+    got = lfp_max(torch.tensor(dl), torch.tensor(du), torch.tensor(coords)).numpy()
+    want = [_brute_lfp_max(dl[i], du[i], coords) for i in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # Extreme ranges do not overflow into NaN: the bound degrades to the coordinate range.
+    huge = lfp_max(torch.tensor(dl * 1e4), torch.tensor(du * 1e4), torch.tensor(coords))
+    assert bool(torch.isfinite(huge).all()) and bool((huge <= 8.0).all())
+
+
+@pytest.mark.parametrize('max_cells', [64, 4])
+def test_coupled_max_bounds_sampled_softargmax(max_cells):
+    gen = torch.Generator().manual_seed(5)
+    n_box, k, n = 5, 2, 30
+    dc = torch.randn(n_box, 3, k, n, generator=gen, dtype=F64) * 0.6
+    dr = torch.rand(n_box, 3, k, n, generator=gen, dtype=F64) * 0.1
+    dc[..., 0] = 0.0
+    dr[..., 0] = 0.0
+    coords = (torch.arange(n, dtype=F64) % 6) * 1.5
+    upper = coupled_max(dc, dr, SUB_BOXES, coords, max_cells=max_cells)
+    dl = form_range(dc - dr, SUB_BOXES)[0]
+    du = form_range(dc + dr, SUB_BOXES)[1]
+    assert bool((upper <= lfp_max(dl, du, coords) + 0.5).all())  # same ballpark as LFP
+    thetas = _sample_thetas(SUB_BOXES, 64, gen)
+    for i in range(thetas.shape[1]):
+        mid = form_at(dc, thetas[:, i])
+        rad = form_at(dr, thetas[:, i])
+        for extreme in (-1.0, 1.0, 0.0):
+            d = mid + extreme * rad if extreme else mid + (torch.rand(mid.shape, generator=gen,
+                                                                     dtype=F64) * 2 - 1) * rad
+            x = (torch.softmax(d, -1) * coords).sum(-1)
+            assert bool((x <= upper + 1e-9).all())
+
+
+def test_argmax_bounds_contain_sampled_argmax():
+    gen = torch.Generator().manual_seed(6)
+    n_box, k, h, w = 5, 2, 4, 5
+    centre = torch.randn(n_box, 3, k, h * w, generator=gen, dtype=F64)
+    centre[:, 0, :, 7] += 3.0  # a clear winner most of the time
+    radius = torch.rand(n_box, 1, k, h * w, generator=gen, dtype=F64) * 0.3
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    grid = (gu.reshape(-1), gv.reshape(-1))
+    bounds = argmax_bounds(centre, radius, SUB_BOXES, grid)
+    thetas = _sample_thetas(SUB_BOXES, 64, gen)
+    for i in range(thetas.shape[1]):
+        noise = (torch.rand(n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1)
+        logits = form_at(centre, thetas[:, i]) + noise * radius[:, 0]
+        idx = logits.argmax(-1)
+        u, v = grid[0][idx], grid[1][idx]
+        assert bool(((u >= bounds[..., 0]) & (u <= bounds[..., 1])
+                     & (v >= bounds[..., 2]) & (v <= bounds[..., 3])).all())
+    assert float((bounds[..., 1] - bounds[..., 0]).min()) < w - 1  # not trivial everywhere
+
+
+# --- splitting -------------------------------------------------------------------------------
+
+def test_refine_never_widens_and_respects_budget():
+    calls = []
+
+    def evaluate(boxes, deadline):
+        calls.append(boxes.shape[0])
+        # A deliberately non-monotone bound: children can come out *wider* than the parent.
+        width = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2])
+        wobble = 1.0 + 0.5 * torch.sin(boxes[:, 0] * 1000)
+        lo = -width * wobble
+        hi = width * wobble * 2
+        b = torch.stack([lo, hi, lo, hi], -1)[:, None]
+        est = torch.zeros(boxes.shape[0], 1, 2, dtype=F64)
+        return b, est
+
+    root = torch.tensor([[0.8, 1.2, -0.1, 0.1]], dtype=F64)
+    one = refine(evaluate, root, Budget(1), intensity=0.5)
+    many = refine(evaluate, root, Budget(20), intensity=0.5)
+    assert one.evaluated == 1 and many.evaluated <= 20 and sum(calls) == 1 + many.evaluated
+    h1, h2 = one.hull(), many.hull()
+    assert bool((h2[..., 0] >= h1[..., 0]).all() and (h2[..., 1] <= h1[..., 1]).all())
+    leaves = many.boxes
+    area = ((leaves[:, 1] - leaves[:, 0]) * (leaves[:, 3] - leaves[:, 2])).sum()
+    assert float(area) == pytest.approx(0.4 * 0.2, rel=1e-12)  # leaves tile the root

@@ -1,0 +1,337 @@
+"""Certificates end to end: zero escapes, for every readout, image kind and box we can think of.
+
+The contract: for every θ in the box, ``detector.predict(clip(α·x + β, 0, 1), readout=r)``
+(x as float64 in [0, 1]) lies in the certified box of each keypoint. Each case checks it with
+``predict`` itself on a dense θ grid (corners and edges included) and on the extremes found by
+a search attack. Shallow random networks give certificates that are far from trivial, so an
+unsound step would show; deep random networks (the real architecture) and, when present, the
+trained default model cover the production layer stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from usn_perception.bounds.attack import empirical_range, grid_thetas
+from usn_perception.certify import (
+    NODE_BUDGET,
+    OFFLINE_BUDGET,
+    Budget,
+    CertStatus,
+    KeypointCertificate,
+    PhotometricBox,
+    certify_keypoints,
+)
+from usn_perception.detector import Detector, load_detector
+from usn_perception.errors import ImageError, UnsupportedLayerError
+from usn_perception.network import DetectorConfig, InputNormalization, build_network
+from usn_perception.preprocess import image_to_float
+
+REPO = Path(__file__).resolve().parent.parent
+TRAINED = REPO / 'models' / 'default' / 'model.json'
+F64 = torch.float64
+
+NODE_BOX = PhotometricBox((0.95, 1.05), (-0.03, 0.03))
+OFFLINE_BOX = PhotometricBox((0.8, 1.2), (-0.1, 0.1))
+OFF_IDENTITY = PhotometricBox((1.1, 1.35), (0.04, 0.12))
+DARKENING = PhotometricBox((0.55, 0.8), (-0.25, -0.1))  # clips most dark pixels at 0
+
+
+def _randomise_bn(net: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial eval-mode batch norm: random statistics, mixed-sign scales."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen, dtype=F64) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=F64) + 0.4)
+            sign = torch.where(torch.rand(c, generator=gen, dtype=F64) < 0.25, -1.0, 1.0)
+            m.weight.data.copy_(sign * (torch.rand(c, generator=gen, dtype=F64) + 0.5))
+            m.bias.data.copy_(torch.randn(c, generator=gen, dtype=F64) * 0.3)
+
+
+def _names(k: int) -> tuple[str, ...]:
+    return tuple(f'kp{i}' for i in range(k))
+
+
+def shallow_detector(seed: int, *, pool: bool = False, k: int = 3,
+                     readout: str = 'soft-argmax') -> Detector:
+    """A 2-layer heatmap net (output at stride 2): certificates are tight enough to matter."""
+    torch.manual_seed(seed)
+    if pool:
+        layers = [InputNormalization(0.5, 0.25), nn.Conv2d(1, 6, 3, padding=1),
+                  nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
+                  nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                  nn.Conv2d(8, k, 1)]
+    else:
+        layers = [InputNormalization(0.5, 0.25), nn.Conv2d(1, 6, 3, stride=2, padding=1),
+                  nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1, bias=False),
+                  nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, k, 1)]
+    net = nn.Sequential(*layers).double()
+    _randomise_bn(net, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        net[-1].weight.mul_(3.0)  # peakier heatmaps
+    config = DetectorConfig(input_size=(32, 24), keypoint_names=_names(k), readout=readout)
+    return Detector(net.eval(), config)
+
+
+def deep_detector(seed: int, widths: tuple[int, ...], size=(32, 24)) -> Detector:
+    """The production architecture with random weights and batch-norm statistics."""
+    torch.manual_seed(seed)
+    config = DetectorConfig(input_size=size, widths=widths, keypoint_names=_names(3))
+    net = build_network(config).double()
+    _randomise_bn(net, torch.Generator().manual_seed(seed))
+    return Detector(net.eval(), config)
+
+
+def make_image(kind: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = 30, 40
+    yy, xx = np.mgrid[0:h, 0:w]
+    blobs = np.zeros((h, w))
+    for _ in range(3):
+        cy, cx = rng.uniform(4, h - 4), rng.uniform(4, w - 4)
+        blobs += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(1.5, 3.0) ** 2))
+    blobs = np.clip(blobs, 0, 1)
+    if kind == 'random':
+        return rng.random((h, w))
+    if kind == 'blobs':
+        return np.clip(0.15 + 0.7 * blobs + 0.03 * rng.standard_normal((h, w)), 0, 1)
+    if kind == 'dark':  # most pixels within 0.1 of black: the clip at 0 is active
+        return np.clip(0.06 * rng.random((h, w)) + 0.5 * blobs, 0, 1)
+    if kind == 'saturated':  # most pixels within 0.1 of white: the clip at 1 is active
+        return np.clip(0.93 + 0.07 * rng.random((h, w)) - 0.6 * blobs, 0, 1)
+    if kind == 'rgb':
+        base = np.clip(0.2 + 0.6 * blobs, 0, 1)
+        rgb = np.stack([base, base * 0.8 + 0.1, 1 - base], -1)
+        return np.round(np.clip(rgb + 0.05 * rng.standard_normal((h, w, 3)), 0, 1)
+                        * 255).astype(np.uint8)
+    raise ValueError(kind)
+
+
+def assert_sound(det: Detector, image: np.ndarray, box: PhotometricBox,
+                 cert: KeypointCertificate, readout: str, *, grid: int = 7,
+                 attack: bool = True) -> None:
+    """No θ on a dense grid or among the attack's extremes escapes the certificate."""
+    assert cert.boxes.shape == (len(det.keypoint_names), 4)
+    assert np.isfinite(cert.boxes).all()
+    assert (cert.boxes[:, 0] <= cert.boxes[:, 1]).all()
+    assert (cert.boxes[:, 2] <= cert.boxes[:, 3]).all()
+    x = image_to_float(image)
+    thetas = [tuple(t) for t in grid_thetas(box, grid)]
+    if attack:
+        found = empirical_range(det, image, box, readout=readout, grid=5, rounds=3, local=3,
+                                random=8)
+        thetas += [tuple(t) for t in found.theta_lo.reshape(-1, 2)]
+        thetas += [tuple(t) for t in found.theta_hi.reshape(-1, 2)]
+    for a, b in thetas:
+        p = det.predict(np.clip(a * x + b, 0.0, 1.0), readout=readout)
+        inside = cert.contains(p)
+        assert inside.all(), (f'escape at θ=({a!r}, {b!r}): {p[~inside].tolist()} outside '
+                              f'{cert.boxes[~inside].tolist()}')
+
+
+# --- soundness sweeps ------------------------------------------------------------------------
+
+SHALLOW_CASES = [(seed, pool) for seed in (0, 1, 2) for pool in (False, True)]
+
+
+@pytest.mark.parametrize('seed, pool', SHALLOW_CASES)
+@pytest.mark.parametrize('kind', ['blobs', 'dark', 'saturated', 'rgb'])
+@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+def test_shallow_networks_have_no_escapes(seed, pool, kind, readout):
+    det = shallow_detector(seed, pool=pool)
+    image = make_image(kind, seed)
+    box = [NODE_BOX, OFFLINE_BOX, OFF_IDENTITY, DARKENING][(seed + len(kind)) % 4]
+    cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(8))
+    assert cert.status.tolist() == [CertStatus.CERTIFIED] * 3
+    assert_sound(det, image, box, cert, readout)
+
+
+def test_shallow_certificates_are_not_trivial():
+    """Guards the sweep above: its boxes must be tight enough that an escape could happen."""
+    widths = []
+    for seed in (0, 1, 2):
+        det = shallow_detector(seed)
+        image = make_image('blobs', seed)
+        cert = certify_keypoints(det, image, NODE_BOX, budget=Budget(8))
+        widths.append(cert.widths.max(1))
+    assert float(np.median(np.concatenate(widths))) < 0.5 * image.shape[1]
+
+
+@pytest.mark.parametrize('seed, widths, size', [
+    (0, (4, 6, 6, 8, 8, 8, 8, 6, 6), (32, 24)),
+    (1, (8,) * 9, (32, 24)),
+    (2, (3, 4, 4, 4, 4, 4, 4, 4, 4), (64, 48)),
+])
+@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+def test_deep_random_networks_have_no_escapes(seed, widths, size, readout):
+    det = deep_detector(seed, widths, size)
+    for kind, box in [('random', NODE_BOX.scaled(0.002)), ('dark', DARKENING.scaled(0.01)),
+                      ('rgb', NODE_BOX)]:
+        image = make_image(kind, seed)
+        cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(6))
+        assert_sound(det, image, box, cert, readout, grid=5)
+
+
+@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+@pytest.mark.parametrize('theta', [(1.0, 0.0), (0.62, -0.21), (1.37, 0.18), (1.0, -0.5)])
+def test_point_boxes_contain_predict_at_that_theta(readout, theta):
+    box = PhotometricBox.point(*theta)
+    for det in (shallow_detector(4), deep_detector(5, (4, 6, 6, 8, 8, 8, 8, 6, 6))):
+        for kind in ('dark', 'saturated', 'rgb'):
+            image = make_image(kind, 7)
+            cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(4))
+            x = image_to_float(image)
+            p = det.predict(np.clip(theta[0] * x + theta[1], 0, 1), readout=readout)
+            assert cert.contains(p).all()
+            assert cert.stats['subboxes'] == 1  # nothing to split
+            assert float(cert.widths.max()) < 1e-3  # exact up to the float slack
+
+
+def test_certificate_contains_nominal_and_reports_stats():
+    det = shallow_detector(0)
+    image = make_image('blobs')
+    cert = det.certify(image, NODE_BOX, budget=Budget(5))
+    np.testing.assert_array_equal(cert.nominal, det.predict(image))
+    assert cert.contains(cert.nominal).all()
+    assert cert.readout == det.readout
+    assert cert.stats['method'] == 'forward' and cert.stats['subboxes'] <= 5
+    assert cert.stats['passes'] >= 1 and cert.stats['ms'] > 0
+    doc = cert.to_json()
+    assert doc['status'] == ['CERTIFIED'] * 3 and len(doc['boxes']) == 3
+
+
+def _target_image() -> np.ndarray:
+    """A crude 5-dot target (dark panel, white dots) on a noisy gray background."""
+    rng = np.random.default_rng(0)
+    img = np.clip(0.45 + 0.1 * rng.standard_normal((96, 128)), 0, 1)
+    img[20:76, 30:100] = 0.06
+    for y, x in [(28, 38), (28, 92), (68, 92), (68, 38), (48, 65)]:
+        img[y - 3:y + 4, x - 3:x + 4] = 0.95
+    return img
+
+
+@pytest.mark.skipif(not TRAINED.is_file(), reason='no trained model at models/default')
+@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+def test_trained_detector_has_no_escapes(readout):
+    det = load_detector(TRAINED)
+    img = _target_image()
+    rgb = np.round(np.stack([img, img * 0.9, img], -1) * 255).astype(np.uint8)
+    for image, box in [(img, PhotometricBox.point(1.08, -0.04)), (rgb, NODE_BOX.scaled(1e-4)),
+                       (img, DARKENING.scaled(1e-3))]:
+        cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(2))
+        assert_sound(det, image, box, cert, readout, grid=3, attack=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRAINED.is_file(), reason='no trained model at models/default')
+@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+def test_trained_detector_attack_node_box(readout):
+    det = load_detector(TRAINED)
+    img = _target_image()
+    for box in (NODE_BOX, NODE_BOX.scaled(1e-3)):
+        cert = certify_keypoints(det, img, box, readout=readout, budget=Budget(8))
+        assert_sound(det, img, box, cert, readout, grid=5)
+
+
+# --- relations between methods and budgets ---------------------------------------------------
+
+@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+def test_forward_is_never_wider_than_ibp(readout):
+    fwd, ibp = [], []
+    for seed in (0, 1, 2):
+        det = shallow_detector(seed, pool=bool(seed % 2))
+        for kind in ('blobs', 'dark'):
+            image = make_image(kind, seed)
+            for box in (NODE_BOX, OFFLINE_BOX):
+                a = certify_keypoints(det, image, box, readout=readout, method='forward',
+                                      budget=Budget(1))
+                b = certify_keypoints(det, image, box, readout=readout, method='ibp',
+                                      budget=Budget(1))
+                assert (a.widths <= b.widths + 1e-9).all()
+                fwd.append(a.widths.mean())
+                ibp.append(b.widths.mean())
+    assert np.mean(fwd) <= np.mean(ibp)
+
+
+def test_splitting_never_widens():
+    for seed in (0, 1):
+        det = shallow_detector(seed)
+        image = make_image('blobs', seed)
+        base = certify_keypoints(det, image, OFFLINE_BOX, budget=Budget(1))
+        prev = base.widths.mean()
+        for n in (3, 9, 33):
+            cert = certify_keypoints(det, image, OFFLINE_BOX, budget=Budget(n))
+            assert (cert.boxes[:, 0] >= base.boxes[:, 0]).all()
+            assert (cert.boxes[:, 1] <= base.boxes[:, 1]).all()
+            assert (cert.boxes[:, 2] >= base.boxes[:, 2]).all()
+            assert (cert.boxes[:, 3] <= base.boxes[:, 3]).all()
+            assert cert.widths.mean() <= prev + 1e-9
+            prev = cert.widths.mean()
+        assert prev < base.widths.mean()  # and it does tighten
+
+
+def test_time_budget_out_of_budget_and_width_limit():
+    det = shallow_detector(0)
+    image = make_image('blobs')
+    late = certify_keypoints(det, image, NODE_BOX, budget=Budget(10, max_ms=1e-6))
+    assert late.status.tolist() == [CertStatus.OUT_OF_BUDGET] * 3
+    assert np.isnan(late.boxes).all() and np.isfinite(late.nominal).all()
+    assert late.stats['subboxes'] == 0
+    narrow = certify_keypoints(det, image, OFFLINE_BOX, budget=Budget(1), max_width_px=1e-3)
+    assert narrow.status.tolist() == [CertStatus.NOT_CERTIFIED] * 3
+    assert np.isfinite(narrow.boxes).all()
+    roomy = certify_keypoints(det, image, OFFLINE_BOX, budget=Budget(1), max_width_px=1e6)
+    assert roomy.certified.all()
+    # A generous time budget still finishes within the sub-box budget.
+    ok = certify_keypoints(det, image, NODE_BOX, budget=Budget(4, max_ms=60_000))
+    assert ok.certified.all() and ok.stats['subboxes'] <= 4
+
+
+def test_status_values_are_stable():
+    assert [int(s) for s in CertStatus] == [0, 1, 2, 3]
+    assert [s.name for s in CertStatus] == ['NOT_CERTIFIED', 'CERTIFIED', 'OUT_OF_BUDGET',
+                                            'SKIPPED']
+    assert NODE_BUDGET.max_subboxes >= 1 and OFFLINE_BUDGET.max_subboxes > NODE_BUDGET.max_subboxes
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def test_bad_arguments_are_refused():
+    det = shallow_detector(0)
+    image = make_image('blobs')
+    with pytest.raises(ValueError, match='exceeds'):
+        certify_keypoints(det, image, PhotometricBox((1.2, 0.8), (0, 0)))
+    with pytest.raises(ValueError, match='positive'):
+        certify_keypoints(det, image, ((-0.5, 1.0), (0.0, 0.0)))
+    with pytest.raises(ValueError):
+        certify_keypoints(det, image, 'bright')
+    with pytest.raises(ValueError, match='method'):
+        certify_keypoints(det, image, NODE_BOX, method='magic')
+    with pytest.raises(ValueError, match='readout'):
+        certify_keypoints(det, image, NODE_BOX, readout='centroid')
+    with pytest.raises(ValueError, match='budget'):
+        certify_keypoints(det, image, NODE_BOX, budget=5)
+    with pytest.raises(ValueError, match='max_width_px'):
+        certify_keypoints(det, image, NODE_BOX, max_width_px=0)
+
+
+@pytest.mark.parametrize('image', [
+    np.full((20, 20), np.nan), np.zeros((0, 10)), np.zeros((5, 5, 4)),
+    np.array([[0.0, 2.0], [0.5, 0.5]]), np.zeros((8, 8), dtype=np.complex64),
+])
+def test_bad_images_are_refused(image):
+    with pytest.raises(ImageError):
+        certify_keypoints(shallow_detector(0), image, NODE_BOX)
+
+
+def test_unsupported_network_is_refused_by_name():
+    det = shallow_detector(0)
+    det.net[6] = nn.Sigmoid()  # replace the second ReLU
+    with pytest.raises(UnsupportedLayerError, match=r'layer 6 \(Sigmoid\)'):
+        certify_keypoints(det, make_image('blobs'), NODE_BOX)

@@ -1,0 +1,81 @@
+"""The certify command: a complete report, several models side by side, nothing half-written."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from usn_perception.cli import main
+from usn_perception.data.synthetic import make_dataset
+from usn_perception.model_io import save_model
+from usn_perception.network import DetectorConfig, build_network
+
+CONFIG = DetectorConfig(input_size=(64, 48), widths=(6, 6, 6, 6, 6, 6, 6, 6, 6))
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cert')
+    paths = make_dataset(root / 'ds', 30, seed=2, size=(128, 96), progress=False)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = build_network(CONFIG).eval()
+        models.append(save_model(net, CONFIG, root / f'm{seed}' / 'model.json'))
+    return root, paths['test'], models
+
+
+def test_certify_writes_a_complete_report(setup, tmp_path):
+    _, data, models = setup
+    out = tmp_path / 'report'
+    code = main(['--quiet', 'certify', '--model', str(models[0]), '--model', str(models[1]),
+                 '--data', str(data), '--alpha', '0.9,1.1', '--beta', '-0.05,0.05',
+                 '--tolerance', '2,3', '--budget', '2', '--limit', '2', '--out', str(out),
+                 '--sweep', '0.5,1', '--sweep-limit', '1'])
+    assert code == 0
+    for name in ('summary.json', 'keypoints.csv', 'report.md', 'box_width_hist.png',
+                 'certified_accuracy_vs_size.png', 'examples.png'):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / 'summary.json').read_text())
+    for key in ('certified_accuracy', 'clean_pck', 'median_box_width_px', 'seconds_per_image',
+                'box', 'method', 'model_sha256'):
+        assert key in summary, key
+    assert set(summary['certified_accuracy']) == {'2', '3'}
+    assert len(summary['models']) == 2
+    assert summary['box'] == {'alpha': [0.9, 1.1], 'beta': [-0.05, 0.05]}
+    with open(out / 'keypoints.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 5
+    for r in rows:
+        if r['status'] == 'certified':
+            assert float(r['u_lo']) <= float(r['pred_x']) <= float(r['u_hi'])
+            assert float(r['v_lo']) <= float(r['pred_y']) <= float(r['v_hi'])
+    assert 'cert acc @2px' in (out / 'report.md').read_text()
+    assert not list(tmp_path.glob('.report.partial-*'))
+
+
+@pytest.mark.parametrize('args, problem', [
+    (['--alpha', '1.2,0.8'], 'exceeds'),
+    (['--alpha', '-1,1'], 'positive'),
+    (['--budget', '0'], 'max_subboxes'),
+])
+def test_bad_box_or_budget_fails_cleanly(setup, tmp_path, capsys, args, problem):
+    _, data, models = setup
+    out = tmp_path / 'report'
+    code = main(['--quiet', 'certify', '--model', str(models[0]), '--data', str(data),
+                 '--out', str(out), *args])
+    assert code == 1
+    assert problem in capsys.readouterr().err
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_data_names_the_file(setup, tmp_path, capsys):
+    _, _, models = setup
+    code = main(['--quiet', 'certify', '--model', str(models[0]), '--data',
+                 str(tmp_path / 'none.json'), '--out', str(tmp_path / 'r')])
+    assert code == 1
+    assert 'none.json' in capsys.readouterr().err

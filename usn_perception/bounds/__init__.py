@@ -1,0 +1,20 @@
+"""Bound propagation over the photometric parameters θ = (α, β), in plain torch float64.
+
+Modules, one job each: :mod:`box` (the θ box, budgets, sub-box batches), :mod:`forms`
+(affine forms in θ and their exact extremes), :mod:`inputs` (image → bounds of the network
+input), :mod:`layers` (network → supported ops, or a clear refusal), :mod:`propagate`
+(forward-mode linear bounds and IBP), :mod:`spec` (heatmap bounds → readout bounds),
+:mod:`split` (adaptive θ splitting), :mod:`attack` (the empirical falsifier).
+"""
+
+from usn_perception.bounds.attack import EmpiricalRange, empirical_range
+from usn_perception.bounds.box import Budget, PhotometricBox
+from usn_perception.bounds.inputs import ImageEncoding
+from usn_perception.bounds.layers import SUPPORTED_LAYERS, CompiledNetwork, compile_network
+from usn_perception.bounds.propagate import RELU_MODES, BudgetExceeded, propagate
+
+__all__ = [
+    'Budget', 'BudgetExceeded', 'CompiledNetwork', 'EmpiricalRange', 'ImageEncoding',
+    'PhotometricBox', 'RELU_MODES', 'SUPPORTED_LAYERS', 'compile_network', 'empirical_range',
+    'propagate',
+]

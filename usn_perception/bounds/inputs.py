@@ -1,0 +1,149 @@
+"""The input stage: image → affine bounds in θ of every network-input pixel.
+
+The detector's preprocessing after the photometric clip is ``gray = Σ_c w_c·x_c`` followed by
+an area resize ``Ry @ gray @ Rx.T``; all weights are non-negative, so a network-input pixel q
+is ``Σ_m A[q, m] · clip(α·v(q, m) + β, 0, 1)`` over the few source (pixel, channel) entries m
+that overlap it. Lower bounds of the clipped values therefore give a lower bound of q, and
+upper bounds an upper bound, exactly. The clipped value depends on the source pixel only through
+its value v, so the relaxation is computed once per *distinct value* (256 for uint8 frames)
+and gathered with ``embedding_bag`` — the cost is independent of the camera resolution apart
+from one gather.
+
+Clip relaxation per value and sub-box (z = α·v + β ranges over [z_lo, z_hi]): exact where
+0 ≤ z_lo and z_hi ≤ 1, constant where fully saturated, otherwise two *parallel* lines (a chord
+and a parallel support line), so that the bound's half-width is a constant, not a form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from usn_perception.preprocess import GRAY_WEIGHTS, area_weights, image_to_float
+
+
+def _band(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise non-zeros of a banded resize matrix, padded (index 0, weight 0)."""
+    rows, cols = np.nonzero(weights)
+    counts = np.bincount(rows, minlength=weights.shape[0])
+    width = int(counts.max())
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(rows.size) - starts[rows]
+    idx = np.zeros((weights.shape[0], width), dtype=np.int64)
+    wts = np.zeros((weights.shape[0], width), dtype=np.float64)
+    idx[rows, pos] = cols
+    wts[rows, pos] = weights[rows, cols]
+    return idx, wts
+
+
+class ImageEncoding:
+    """One image, prepared for bounding: distinct values and the gather that preprocesses.
+
+    ``values`` (V,) are the distinct channel values in [0, 1]; network-input pixel q equals
+    ``Σ_m weights[q, m] · f(values[index[q, m]])`` for the clipped value f. ``evaluate`` runs
+    that same map at concrete θ, which must reproduce ``Detector.network_input`` of the
+    perturbed image up to float64 rounding (checked in the tests).
+    """
+
+    def __init__(self, image: np.ndarray, input_size: tuple[int, int],
+                 device: torch.device | str = 'cpu') -> None:
+        raw = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        xf = image_to_float(image)  # validates shape, dtype, finiteness, range
+        if raw.dtype == np.uint8:
+            values = np.arange(256, dtype=np.float64) / 255.0
+            codes = raw.astype(np.int64)
+        else:
+            values, codes = np.unique(xf, return_inverse=True)
+            codes = codes.reshape(xf.shape)
+        if codes.ndim == 2:
+            codes = codes[:, :, None]
+            channel_w = np.ones(1)
+        else:
+            channel_w = np.asarray(GRAY_WEIGHTS, dtype=np.float64)
+        h, w = codes.shape[:2]
+        w_out, h_out = input_size
+        iy, wy = _band(area_weights(h, h_out))
+        jx, wx = _band(area_weights(w, w_out))
+        index = codes[iy[:, None, :, None], jx[None, :, None, :], :]
+        weights = (wy[:, None, :, None, None] * wx[None, :, None, :, None]
+                   * channel_w[None, None, None, None, :])
+        q = h_out * w_out
+        self.device = torch.device(device)
+        self.values = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        self.index = torch.as_tensor(index.reshape(q, -1), device=self.device)
+        self.weights = torch.as_tensor(weights.reshape(q, -1), device=self.device)
+        self.shape = (1, h_out, w_out)
+        self.image_shape = xf.shape
+
+    def _gather(self, table: torch.Tensor) -> torch.Tensor:
+        """(V, D) per-value table → (D, 1, H, W) preprocessed network inputs."""
+        out = F.embedding_bag(self.index, table, per_sample_weights=self.weights, mode='sum')
+        return out.T.reshape(-1, *self.shape)
+
+    def evaluate(self, theta: torch.Tensor) -> torch.Tensor:
+        """Network inputs (N, 1, H, W) of the perturbed image at each θ of ``theta`` (N, 2)."""
+        z = self.values[None, :] * theta[:, :1] + theta[:, 1:]
+        return self._gather(torch.clamp(z, 0.0, 1.0).T.contiguous())
+
+    def mean_intensity(self) -> float:
+        """Mean network-input intensity of the unperturbed image (for the split heuristic)."""
+        one = torch.tensor([[1.0, 0.0]], dtype=torch.float64, device=self.device)
+        return float(self.evaluate(one).mean())
+
+    def _z_range(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.values[None, :]
+        # v >= 0, so α·v + β is smallest at (α_lo, β_lo) and largest at (α_hi, β_hi).
+        return v * boxes[:, :1] + boxes[:, 2:3], v * boxes[:, 1:2] + boxes[:, 3:4]
+
+    def intervals(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IBP input: centre and radius (N, 1, 1, H, W) each, as constant forms."""
+        z_lo, z_hi = self._z_range(boxes)
+        lo = torch.clamp(z_lo, 0.0, 1.0)
+        hi = torch.clamp(z_hi, 0.0, 1.0)
+        n = boxes.shape[0]
+        table = torch.cat([0.5 * (lo + hi), 0.5 * (hi - lo)], 0).T.contiguous()
+        out = self._gather(table)
+        return out[:n, None], out[n:, None]
+
+    def forms(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward-mode input: centre form (N, 3, 1, H, W) and constant radius (N, 1, 1, H, W)."""
+        z_lo, z_hi = self._z_range(boxes)
+        v = self.values[None, :].expand_as(z_lo)
+        zero = torch.zeros_like(z_lo)
+        width = z_hi - z_lo
+        safe = torch.where(width > 0, width, torch.ones_like(width))
+        # Default: exact (0 <= z <= 1 on the whole sub-box).
+        slope = torch.ones_like(z_lo)
+        c0 = zero.clone()
+        rad = zero.clone()
+        # Crosses 0 only: chord s·(z − z_lo) above, parallel s·z below.
+        m = (z_lo < 0) & (z_hi > 0) & (z_hi <= 1)
+        s = z_hi / safe
+        slope = torch.where(m, s, slope)
+        c0 = torch.where(m, -0.5 * s * z_lo, c0)
+        rad = torch.where(m, -0.5 * s * z_lo, rad)
+        # Crosses 1 only: chord z_lo + s·(z − z_lo) below, parallel 1 + s·(z − 1) above.
+        m = (z_lo >= 0) & (z_lo < 1) & (z_hi > 1)
+        s = (1.0 - z_lo) / safe
+        slope = torch.where(m, s, slope)
+        c0 = torch.where(m, 0.5 * (1.0 - s) * (1.0 + z_lo), c0)
+        rad = torch.where(m, 0.5 * (1.0 - s) * (1.0 - z_lo), rad)
+        # Crosses both: s·z below and 1 + s·(z − 1) above with s = 1 / (z_hi − z_lo).
+        m = (z_lo < 0) & (z_hi > 1)
+        s = 1.0 / safe
+        slope = torch.where(m, s, slope)
+        c0 = torch.where(m, 0.5 * (1.0 - s), c0)
+        rad = torch.where(m, 0.5 * (1.0 - s), rad)
+        # Saturated on the whole sub-box: constants 0 or 1 (checked last: they win ties).
+        dead = z_hi <= 0
+        one = z_lo >= 1
+        sat = dead | one
+        slope = torch.where(sat, zero, slope)
+        c0 = torch.where(one, torch.ones_like(c0), torch.where(dead, zero, c0))
+        rad = torch.where(sat, zero, rad)
+        n = boxes.shape[0]
+        table = torch.cat([c0, slope * v, slope, rad], 0).T.contiguous()
+        out = self._gather(table).view(4, n, *self.shape)
+        centre = out[:3].transpose(0, 1).contiguous()
+        return centre, out[3][:, None].contiguous()

@@ -1,0 +1,248 @@
+"""Turn an ``nn.Sequential`` into the engine's three operation kinds, or refuse it.
+
+The engine only ever sees: a *linear* map (with a weight-free ``apply`` for W·x and
+``apply_abs`` for |W|·x, plus a bias), an *elementwise affine* map (BatchNorm in eval mode,
+the fixed input normalisation) and *ReLU*. Every supported layer is one of these; anything
+else raises :class:`UnsupportedLayerError` naming the layer, because a bound engine that
+silently guesses is worse than none. BatchNorm that directly follows a convolution is folded
+into it (one op less per layer). Compilation is cached per network object and redone when any
+parameter or buffer changes in place or a module switches train/eval.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usn_perception.errors import UnsupportedLayerError
+from usn_perception.network import InputNormalization
+
+SUPPORTED_LAYERS = (
+    'InputNormalization', 'Conv2d', 'ConvTranspose2d', 'BatchNorm2d (eval mode)', 'ReLU',
+    'AvgPool2d', 'Linear', 'Flatten (start_dim >= 1)', "Upsample (mode='nearest')",
+    'Identity', 'Sequential (nested)',
+)
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """y = W·x + b for a layer whose weight is fixed; ``nonneg`` when W ≥ 0 elementwise."""
+
+    name: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    apply_abs: Callable[[torch.Tensor], torch.Tensor]
+    bias: torch.Tensor | None
+    nonneg: bool = False
+
+
+@dataclass(frozen=True)
+class AffineOp:
+    """y = scale·x + shift elementwise (per channel); the sign of ``scale`` matters."""
+
+    name: str
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ReluOp:
+    """y = max(x, 0)."""
+
+    name: str
+
+
+Op = LinearOp | AffineOp | ReluOp
+
+
+@dataclass
+class CompiledNetwork:
+    """The op list plus the shapes the engine needs to plan memory."""
+
+    ops: list[Op]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    max_numel: int
+    fingerprint: tuple = field(repr=False, default=())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain evaluation through the compiled ops (used to check the compilation)."""
+        for op in self.ops:
+            x = apply_point(op, x)
+        return x
+
+
+def apply_point(op: Op, x: torch.Tensor) -> torch.Tensor:
+    """Evaluate one op on a concrete batch."""
+    if isinstance(op, LinearOp):
+        y = op.apply(x)
+        return y if op.bias is None else y + op.bias
+    if isinstance(op, AffineOp):
+        return x * op.scale + op.shift
+    return torch.relu(x)
+
+
+def _unsupported(name: str, module: nn.Module, why: str = '') -> UnsupportedLayerError:
+    detail = f' ({why})' if why else ''
+    return UnsupportedLayerError(
+        f'layer {name} ({type(module).__name__}) is not supported by the bound engine{detail}; '
+        f'supported layers: {", ".join(SUPPORTED_LAYERS)}')
+
+
+def _walk(net: nn.Module, prefix: str = '') -> Iterator[tuple[str, nn.Module]]:
+    for i, m in enumerate(net):
+        name = f'{prefix}{i}'
+        if isinstance(m, nn.Sequential):
+            yield from _walk(m, name + '.')
+        else:
+            yield name, m
+
+
+def _bn_affine(name: str, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BatchNorm, refusing batch statistics."""
+    if bn.training:
+        raise _unsupported(name, bn, 'BatchNorm in training mode uses batch statistics; '
+                           'call .eval() first')
+    if bn.running_mean is None or bn.running_var is None:
+        raise _unsupported(name, bn, 'BatchNorm without running statistics')
+    var = bn.running_var.detach().double()
+    scale = 1.0 / torch.sqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -bn.running_mean.detach().double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    return scale, shift
+
+
+def _conv_op(name: str, m: nn.Module, bn: tuple | None) -> LinearOp:
+    w = m.weight.detach().double()
+    b = m.bias.detach().double() if m.bias is not None else None
+    if isinstance(m, nn.ConvTranspose2d):
+        if bn is not None:
+            w = w * bn[0].view(1, -1, 1, 1)
+        stride, pad, opad, groups, dil = (m.stride, m.padding, m.output_padding, m.groups,
+                                          m.dilation)
+
+        def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return F.conv_transpose2d(x, weight, None, stride, pad, opad, groups, dil)
+    else:
+        if bn is not None:
+            w = w * bn[0].view(-1, 1, 1, 1)
+
+        def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return m._conv_forward(x, weight, None)  # honours padding_mode
+    if bn is not None:
+        b = (b * bn[0] if b is not None else 0.0) + bn[1]
+    w_abs = w.abs()
+    bias = b.view(-1, 1, 1) if b is not None else None
+    return LinearOp(name, lambda x: conv(x, w), lambda x: conv(x, w_abs), bias,
+                    bool((w >= 0).all()))
+
+
+def _compile_ops(net: nn.Module) -> list[Op]:
+    if not isinstance(net, nn.Sequential):
+        raise _unsupported('<root>', net, 'the engine walks an nn.Sequential')
+    items = list(_walk(net))
+    ops: list[Op] = []
+    i = 0
+    while i < len(items):
+        name, m = items[i]
+        nxt = items[i + 1][1] if i + 1 < len(items) else None
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            fold = isinstance(nxt, nn.BatchNorm2d) and not (
+                isinstance(m, nn.ConvTranspose2d) and m.groups != 1)
+            bn = _bn_affine(items[i + 1][0], nxt) if fold else None
+            ops.append(_conv_op(name + ('+bn' if fold else ''), m, bn))
+            i += 2 if fold else 1
+            continue
+        if isinstance(m, nn.BatchNorm2d):
+            scale, shift = _bn_affine(name, m)
+            ops.append(AffineOp(name, scale.view(-1, 1, 1), shift.view(-1, 1, 1)))
+        elif isinstance(m, InputNormalization):
+            if not m.std > 0:
+                raise _unsupported(name, m, 'std must be positive')
+            one = torch.ones((), dtype=torch.float64)
+            ops.append(AffineOp(name, one / m.std, -one * m.mean / m.std))
+        elif isinstance(m, nn.ReLU):
+            ops.append(ReluOp(name))
+        elif isinstance(m, nn.Linear):
+            w = m.weight.detach().double()
+            w_abs = w.abs()
+            b = m.bias.detach().double() if m.bias is not None else None
+            ops.append(LinearOp(name, lambda x, w=w: F.linear(x, w),
+                                lambda x, w=w_abs: F.linear(x, w), b, bool((w >= 0).all())))
+        elif isinstance(m, nn.AvgPool2d):
+            if m.divisor_override is not None and not m.divisor_override > 0:
+                raise _unsupported(name, m, 'divisor_override must be positive')
+            ops.append(LinearOp(name, m, m, None, True))
+        elif isinstance(m, nn.Upsample):
+            if m.mode not in ('nearest', 'nearest-exact'):
+                raise _unsupported(name, m, f'mode {m.mode!r}; only nearest is supported')
+            ops.append(LinearOp(name, m, m, None, True))
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim == 0:
+                raise _unsupported(name, m, 'start_dim=0 would flatten the batch')
+            ops.append(LinearOp(name, m, m, None, True))
+        elif isinstance(m, nn.Identity):
+            pass
+        else:
+            raise _unsupported(name, m)
+        i += 1
+    return ops
+
+
+def _fingerprint(net: nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    tensors = [*net.parameters(), *net.buffers()]
+    return (tuple(input_shape), tuple((id(t), t._version) for t in tensors),
+            tuple(m.training for m in net.modules()))
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_network(net: nn.Module, input_shape: tuple[int, ...]) -> CompiledNetwork:
+    """Compile (or fetch from the cache) ``net`` for inputs of ``input_shape`` (C, H, W).
+
+    The compiled ops are checked against ``net`` itself on a random input, so a layer whose
+    configuration the engine misreads fails here rather than producing a wrong certificate.
+    """
+    key = _fingerprint(net, input_shape)
+    hit = _CACHE.get(net)
+    if hit is not None and hit.fingerprint == key:
+        return hit
+    ops = _compile_ops(net)
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device('cpu')
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *input_shape), generator=gen, dtype=torch.float64).to(device)
+    max_numel = x[0].numel()
+    y = x
+    with torch.no_grad():
+        for op in ops:
+            y = apply_point(op, y)
+            if y.shape[0] != 2:
+                raise UnsupportedLayerError(f'layer {op.name} changes the batch dimension')
+            max_numel = max(max_numel, y[0].numel())
+        double = param is None or param.dtype == torch.float64
+        ref = net(x) if double else _reference(net, x)
+    err = float((y - ref).abs().max())
+    scale = 1.0 + float(ref.abs().max())
+    if not err <= 1e-9 * scale:
+        raise UnsupportedLayerError(
+            f'compiled network disagrees with the module by {err:.3g}; some layer is not '
+            'what the engine assumes')
+    compiled = CompiledNetwork(ops, tuple(input_shape), tuple(y.shape[1:]), int(max_numel), key)
+    _CACHE[net] = compiled
+    return compiled
+
+
+def _reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Float64 reference output of a network whose parameters are not float64."""
+    import copy
+
+    return copy.deepcopy(net).to(torch.float64)(x)

@@ -1,0 +1,255 @@
+"""From heatmap-logit forms to bounds on the keypoint readouts (soft-argmax and argmax).
+
+Everything works on logit *differences* d_i = h_i − h_m against a reference cell m, formed as
+forms before concretising, so that variation common to all cells (which softmax and argmax
+ignore) cancels. A relative slack is added to every difference here, once, to cover float64
+rounding (see docs/certification.md).
+
+Soft-argmax  x̂ = Σ_i e^{d_i} c_i / Σ_i e^{d_i}  is bounded two ways and the tighter side kept:
+
+* ``lfp``: over the box of difference intervals [dl_i, du_i] the maximum of the linear-fractional
+  program is attained with w_i = e^{du_i} for the cells with the largest coordinates and
+  e^{dl_i} for the rest; one sorted prefix scan finds the best threshold exactly.
+* ``coupled``: keeps θ. x̂ ≤ t for all θ iff Σ_i e^{d_i(θ)}(c_i − t) ≤ 0; bounding e^{d_i} by an
+  affine chord (coefficient ≥ 0) or tangent (coefficient ≤ 0) of the form makes the left side
+  affine in θ, so it is checked at the sub-box corners. For every threshold configuration the
+  smallest feasible t is a ratio, again found in one prefix scan.
+
+Argmax: cell i cannot be the argmax anywhere in a sub-box when some witness j has
+min_θ (h_j − h_i)(θ) > slack; the readout lies in the bounding box of the other cells.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
+
+#: Relative slack on logit differences: rounding of float64 sums is ~1e-13 relative here.
+LOGIT_SLACK = 1e-7
+#: Absolute slack on readout coordinates (heatmap cells) for the readout's own rounding.
+COORD_SLACK = 1e-7
+#: Absolute margin in the coupled bound for exponentials that underflow to zero.
+UNDERFLOW = 1e-280
+
+
+def reference_cells(centre: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(N, K) index of the cell with the largest centre form at each sub-box's centre θ."""
+    theta = torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
+    return form_at(centre, theta).argmax(-1)
+
+
+def _gather_cells(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (N, k, K, n), idx (N, K) → (N, k, K, 1)."""
+    return t.gather(3, idx[:, None, :, None].expand(t.shape[0], t.shape[1], -1, 1))
+
+
+def logit_slack(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(N, K, n) magnitude bound max(|lower|, |upper|) of each logit over its sub-box."""
+    lo = form_range(lower(centre, radius), boxes)[0]
+    hi = form_range(upper(centre, radius), boxes)[1]
+    return torch.maximum(lo.abs(), hi.abs())
+
+
+def difference_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                     ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre/radius forms of d_i = h_i − h_ref, slack included; exactly 0 at the reference.
+
+    ``centre`` (N, 3, K, n) and ``radius`` (N, 1 or 3, K, n) are the logit forms.
+    """
+    mag = logit_slack(centre, radius, boxes)
+    mag_ref = mag.gather(2, ref[:, :, None])
+    dc = centre - _gather_cells(centre, ref)
+    dr = radius + _gather_cells(radius, ref)
+    dr[:, 0] += LOGIT_SLACK * (1.0 + mag + mag_ref)
+    at_ref = torch.zeros_like(mag, dtype=torch.bool).scatter_(2, ref[:, :, None], True)
+    dc = dc.masked_fill(at_ref[:, None], 0.0)
+    dr = dr.masked_fill(at_ref[:, None], 0.0)
+    return dc, dr
+
+
+#: Cells per heatmap that keep their θ-forms in the coupled soft-argmax bound.
+SIGNIFICANT = 64
+
+
+def _groups(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct coordinate values (ascending) and each cell's group index."""
+    values, index = torch.unique(coords, sorted=True, return_inverse=True)
+    return values, index
+
+
+def _group_sum(w: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sum the last axis of ``w`` into ``n_groups`` bins."""
+    out = torch.zeros(*w.shape[:-1], n_groups, dtype=w.dtype, device=w.device)
+    return out.index_add_(-1, index, w)
+
+
+def _prefix_configs(top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """Σ_{j<k} top_j + Σ_{j>=k} rest_j for k = 0..m along the last axis."""
+    zero = torch.zeros_like(top[..., :1])
+    head = torch.cat([zero, torch.cumsum(top, -1)], -1)
+    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(rest, [-1]), -1), [-1]), zero], -1)
+    return head + tail
+
+
+def lfp_max(dl: torch.Tensor, du: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Exact max of Σ w_i c_i / Σ w_i over w_i ∈ [e^{dl_i}, e^{du_i}]; rows (..., n) → (...).
+
+    The optimum takes the upper weight on the cells above the optimal value and the lower
+    weight below it. Cells with equal coordinates always sit on the same side, so they are
+    summed first (one heatmap column per u value); then the best of the prefix configurations
+    in coordinate order is the exact maximum.
+    """
+    values, index = _groups(coords)
+    g = values.shape[0]
+    # Shift by the largest lower bound: every configuration then has a weight >= 1, so
+    # weights that underflow (< 1e-308) cannot matter; rows that would overflow get no bound.
+    shift = dl.max(-1, keepdim=True).values
+    hopeless = (du - shift).max(-1).values > 690.0
+    wu = _group_sum(torch.exp(torch.clamp(du - shift, max=690.0)), index, g).flip(-1)
+    wl = _group_sum(torch.exp(dl - shift), index, g).flip(-1)
+    c = values.flip(0)
+    num = _prefix_configs(wu * c, wl * c)
+    den = _prefix_configs(wu, wl)
+    val = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.inf)
+    best = torch.where(hopeless, torch.inf, val.max(-1).values)
+    return torch.clamp(torch.nan_to_num(best, nan=torch.inf), max=float(c[0]))
+
+
+def coupled_max(dc: torch.Tensor, dr: torch.Tensor, boxes: torch.Tensor,
+                coords: torch.Tensor, max_cells: int = SIGNIFICANT) -> torch.Tensor:
+    """Upper bound of soft-argmax along ``coords`` keeping the θ-dependence: (N, K).
+
+    ``dc``/``dr`` are difference forms (N, 3, K, n) / (N, 1 or 3, K, n). The ``max_cells``
+    cells with the largest upper bounds keep their forms; the others enter with their interval
+    bounds, summed per coordinate value. The feasibility test carries an explicit bound on its
+    own float64 error (evaluation of every relaxed exponential plus the prefix sums), because
+    a sum of many exponentials can cancel to far below the size of its terms; where that error
+    is too large the threshold is simply not accepted.
+    """
+    up_form = upper(dc, dr)
+    lo_form = lower(dc, dr)
+    ul, uh = form_range(up_form, boxes)
+    ll, lh = form_range(lo_form, boxes)
+    n = uh.shape[-1]
+    m = min(max_cells, n)
+    shift = uh.max(-1, keepdim=True).values  # >= 0: the reference difference is 0
+    idx = uh.topk(m, -1).indices  # (N, K, m)
+    rest = torch.ones_like(uh, dtype=torch.bool).scatter_(-1, idx, False)
+    values, index = _groups(coords)
+    g = values.shape[0]
+    # Cells without forms: weights in [e^{ll}, e^{uh}], summed per coordinate value.
+    rest_up = _group_sum(torch.where(rest, torch.exp(uh - shift), 0.0), index, g)
+    rest_lo = _group_sum(torch.where(rest, torch.exp(ll - shift), 0.0), index, g)
+    gather3 = idx[:, None].expand(-1, 3, -1, -1)
+    up_form = up_form.gather(3, gather3)
+    lo_form = lo_form.gather(3, gather3)
+    ul, uh, ll, lh = (t.gather(-1, idx) for t in (ul, uh, ll, lh))
+    a = torch.exp(ul - shift)
+    b = torch.exp(uh - shift)
+    width = uh - ul
+    slope = torch.where(width > 0, (b - a) / torch.where(width > 0, width, 1.0), b)
+    # Chord of exp over [ul, uh] applied to the upper form: a + slope·(U(θ) − ul).
+    up_rel = up_form.clone()
+    up_rel[:, 0] -= ul
+    up_c = a[:, None] + slope[:, None] * form_corners(up_rel, boxes)
+    up_err = a[:, None] + slope[:, None] * (_abs_corners(up_rel, boxes) + ul.abs()[:, None])
+    # Tangent of exp at p applied to the lower form: e^p·(1 + L(θ) − p), a lower bound.
+    p = 0.5 * (ll + lh)
+    ep = torch.exp(p - shift)
+    lo_rel = lo_form.clone()
+    lo_rel[:, 0] -= p
+    lo_c = ep[:, None] * (1.0 + form_corners(lo_rel, boxes))
+    lo_err = ep[:, None] * (1.0 + _abs_corners(lo_rel, boxes) + p.abs()[:, None])
+    # Merge kept cells and per-value remainders, ordered by coordinate (descending).
+    n_rows = up_c.shape[0]
+    k = up_c.shape[2]
+    c_all = torch.cat([coords[idx], values.expand(n_rows, k, g)], -1)
+    c, order = torch.sort(c_all, dim=-1, descending=True, stable=True)
+    order4 = order[:, None].expand(-1, 4, -1, -1)
+
+    def merged(kept: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([kept, grouped[:, None].expand(-1, 4, -1, -1)], -1)
+        return both.gather(-1, order4)
+
+    up_all = merged(up_c, rest_up)
+    lo_all = merged(lo_c, rest_lo)
+    err_up = merged(up_err + up_c.abs(), 2.0 * rest_up)
+    err_lo = merged(lo_err + lo_c.abs(), 2.0 * rest_lo)
+    c4 = c[:, None]
+    p0 = _prefix_configs(up_all, lo_all)  # (N, 4 corners, K, m + g + 1)
+    p1 = _prefix_configs(up_all * c4, lo_all * c4)
+    err = _prefix_configs(err_up, err_lo)
+    cmin, cmax = float(values[0]), float(values[-1])
+    eps = 2.0 ** -52 * (n + 16)
+    # Feasible iff p1 − t·p0 + margin <= 0 at every corner. The margin bounds the float64
+    # error of the computed sum and the exponentials that underflowed to zero.
+    p1 = p1 + 2.0 * max(abs(cmin), abs(cmax)) * eps * err + UNDERFLOW
+    # Configuration k (the first k entries on their upper bound) is valid for t in
+    # [c[k], c[k - 1]].
+    inf = torch.full_like(c[..., :1], torch.inf)
+    t_lo = torch.cat([c, -inf], -1).clamp(min=cmin)
+    t_hi = torch.cat([inf, c], -1).clamp(max=cmax)
+    pos = p0 > 0
+    neg = p0 < 0
+    ratio = p1 / torch.where(pos | neg, p0, 1.0)
+    need_lo = torch.where(pos, ratio, -torch.inf).max(1).values
+    need_hi = torch.where(neg, ratio, torch.inf).min(1).values
+    blocked = ((p0 == 0) & (p1 > 0)).any(1) | torch.isnan(ratio).any(1)
+    t = torch.maximum(need_lo, t_lo)
+    feasible = (t <= torch.minimum(need_hi, t_hi)) & ~blocked
+    best = torch.where(feasible, t, torch.inf).min(-1).values
+    return torch.clamp(best, max=cmax)
+
+
+def _abs_corners(form: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """|c0| + |cα·α| + |cβ·β| at the four corners: the scale of a corner value's rounding."""
+    return form_corners(form.abs(), boxes.abs())
+
+
+def soft_argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                       grid: tuple[torch.Tensor, torch.Tensor], *,
+                       coupled: bool = True) -> torch.Tensor:
+    """(N, K, 4) [u_lo, u_hi, v_lo, v_hi] in heatmap cells bounding soft-argmax per sub-box."""
+    ref = reference_cells(centre, boxes)
+    dc, dr = difference_forms(centre, radius, boxes, ref)
+    dl = form_range(lower(dc, dr), boxes)[0]
+    du = form_range(upper(dc, dr), boxes)[1]
+    out = []
+    for coords in grid:
+        for sign in (-1.0, 1.0):
+            cs = coords * sign
+            best = lfp_max(dl, du, cs)
+            if coupled and dc.shape[1] == 3:
+                # Where the interval program already gives nothing, so will the coupled one.
+                rows = best < float(cs.max())
+                if bool(rows.any()):
+                    sub = rows.any(1)
+                    tight = coupled_max(dc[sub], dr[sub], boxes[sub], cs)
+                    best[sub] = torch.minimum(best[sub], tight)
+            out.append(sign * (best + COORD_SLACK))
+    lo_u, hi_u, lo_v, hi_v = out
+    return torch.stack([lo_u, hi_u, lo_v, hi_v], -1)
+
+
+def argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                  grid: tuple[torch.Tensor, torch.Tensor], *, witnesses: int = 4) -> torch.Tensor:
+    """(N, K, 4) box in heatmap cells holding every cell that may be the argmax per sub-box."""
+    theta = torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
+    k = min(witnesses, centre.shape[-1])
+    cand = torch.cat([reference_cells(centre, boxes)[..., None],
+                      form_at(lower(centre, radius), theta).topk(k, -1).indices], -1)
+    mag = logit_slack(centre, radius, boxes)
+    possible = torch.ones_like(mag, dtype=torch.bool)
+    for w in range(cand.shape[-1]):
+        j = cand[..., w]
+        gap = lower(_gather_cells(centre, j) - centre, _gather_cells(radius, j) + radius)
+        slack = LOGIT_SLACK * (1.0 + mag + mag.gather(2, j[:, :, None]))
+        possible &= ~(form_range(gap, boxes)[0] > slack)
+    gu, gv = grid
+    inf = torch.tensor(torch.inf, dtype=gu.dtype, device=gu.device)
+    u_lo = torch.where(possible, gu, inf).min(-1).values
+    u_hi = torch.where(possible, gu, -inf).max(-1).values
+    v_lo = torch.where(possible, gv, inf).min(-1).values
+    v_hi = torch.where(possible, gv, -inf).max(-1).values
+    return torch.stack([u_lo, u_hi, v_lo, v_hi], -1)

@@ -1,0 +1,108 @@
+"""Adaptive, batched θ-box splitting under a budget.
+
+The certified box is the hull of the per-sub-box bounds, so only the sub-boxes whose bounds
+stick out past the best estimate of the true range are worth splitting. Each pass scores the
+current leaves by how far they stick out (normalised per keypoint and axis), bisects the worst
+ones in one batch, and intersects every child's bound with its parent's: a child's θ-set lies
+inside its parent's, so the parent's bound is valid for it too, and the hull can only shrink.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from usn_perception.bounds.box import Budget, split_boxes
+from usn_perception.bounds.propagate import BudgetExceeded
+
+#: evaluate(sub-boxes (n, 4), deadline) -> (bounds (n, K, 4), estimates (n, K, 2))
+Evaluator = Callable[[torch.Tensor, float | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RefineResult:
+    """Leaves, their bounds, and how the budget was spent."""
+
+    boxes: torch.Tensor
+    bounds: torch.Tensor
+    evaluated: int
+    passes: int
+    stopped: str
+
+    def hull(self) -> torch.Tensor:
+        """(K, 4) [u_lo, u_hi, v_lo, v_hi] over all leaves."""
+        b = self.bounds
+        return torch.stack([b[..., 0].min(0).values, b[..., 1].max(0).values,
+                            b[..., 2].min(0).values, b[..., 3].max(0).values], -1)
+
+
+def split_dims(boxes: torch.Tensor, intensity: float) -> torch.Tensor:
+    """Bisect α when its effect on pixels (width × mean intensity) beats β's width."""
+    wa = (boxes[:, 1] - boxes[:, 0]) * max(intensity, 1e-3)
+    wb = boxes[:, 3] - boxes[:, 2]
+    return (wb > wa).long()
+
+
+def _scores(bounds: torch.Tensor, est_lo: torch.Tensor, est_hi: torch.Tensor,
+            splittable: torch.Tensor) -> torch.Tensor:
+    """How far each leaf's bound sticks out past the estimated range, summed over (K, sides)."""
+    lo = bounds[..., 0::2]
+    hi = bounds[..., 1::2]
+    hull = torch.stack([lo.min(0).values, hi.max(0).values])
+    scale = (hull[1] - hull[0]).clamp(min=1e-6)
+    out = (torch.relu(est_lo - lo) + torch.relu(hi - est_hi)) / scale
+    out = torch.nan_to_num(out, nan=0.0, posinf=1e6).sum((1, 2))
+    return torch.where(splittable, out, torch.zeros_like(out))
+
+
+def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity: float,
+           deadline: float | None = None) -> RefineResult:
+    """Bound ``root`` (1, 4), then split adaptively until the budget is spent.
+
+    Raises :class:`BudgetExceeded` only when the very first pass misses the deadline.
+    """
+    t0 = time.perf_counter()
+    bounds, est = evaluate(root, deadline)
+    per_box = time.perf_counter() - t0
+    boxes, evaluated, passes, stopped = root, 1, 1, 'budget'
+    est_lo, est_hi = est.min(0).values, est.max(0).values
+    while True:
+        room = budget.max_subboxes - evaluated
+        if deadline is not None:
+            room = min(room, int((deadline - time.perf_counter()) / max(per_box, 1e-6)))
+        if room < 2:
+            stopped = 'time' if budget.max_subboxes - evaluated >= 2 else 'budget'
+            break
+        splittable = ((boxes[:, 1] > boxes[:, 0]) | (boxes[:, 3] > boxes[:, 2]))
+        score = _scores(bounds, est_lo, est_hi, splittable)
+        n_split = min(int((score > 0).sum()), room // 2)
+        if n_split == 0:
+            stopped = 'converged'
+            break
+        chosen = score.topk(n_split).indices
+        children = split_boxes(boxes[chosen], split_dims(boxes[chosen], intensity))
+        t1 = time.perf_counter()
+        try:
+            child_bounds, child_est = evaluate(children, deadline)
+        except BudgetExceeded:
+            stopped = 'time'
+            break
+        per_box = (time.perf_counter() - t1) / children.shape[0]
+        parent = bounds[chosen].repeat_interleave(2, 0)
+        child_bounds = torch.stack([
+            torch.maximum(child_bounds[..., 0], parent[..., 0]),
+            torch.minimum(child_bounds[..., 1], parent[..., 1]),
+            torch.maximum(child_bounds[..., 2], parent[..., 2]),
+            torch.minimum(child_bounds[..., 3], parent[..., 3])], -1)
+        keep = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        keep[chosen] = False
+        boxes = torch.cat([boxes[keep], children])
+        bounds = torch.cat([bounds[keep], child_bounds])
+        est_lo = torch.minimum(est_lo, child_est.min(0).values)
+        est_hi = torch.maximum(est_hi, child_est.max(0).values)
+        evaluated += children.shape[0]
+        passes += 1
+    return RefineResult(boxes, bounds, evaluated, passes, stopped)
