@@ -1,0 +1,139 @@
+"""The ROS-free per-frame pipeline: results, certification, thresholds, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from usn_perception.certify import CertStatus
+from usn_perception.detector import Detector
+from usn_perception.errors import ImageError
+from usn_perception.interval import IntervalSettings
+from usn_perception.network import DetectorConfig, build_network
+from usn_perception.pipeline import FramePipeline, PipelineSettings
+
+CONFIG = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
+FAST = PipelineSettings(max_subboxes=1)
+
+
+@pytest.fixture(scope='module')
+def detector() -> Detector:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return Detector(build_network(CONFIG).eval(), CONFIG)
+
+
+def _frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = rng.random((48, 64))
+    return [(np.clip((1 + 0.05 * np.sin(i)) * base + 0.02 * np.cos(i), 0, 1) * 255)
+            .astype(np.uint8) for i in range(n)]
+
+
+def test_process_returns_keypoints_boxes_and_timings(detector: Detector):
+    pipe = FramePipeline(detector, FAST)
+    for i, frame in enumerate(_frames(3)):
+        result = pipe.process(frame, i / 30)
+    k = len(detector.keypoint_names)
+    assert result.keypoints.shape == (k, 2) and result.boxes.shape == (k, 4)
+    assert result.status.dtype == np.uint8 and result.scores.shape == (k,)
+    np.testing.assert_allclose(result.keypoints, detector.predict(frame))
+    assert result.interval.frames == 3 and result.interval.contains(1.0, 0.0)
+    assert set(result.timings_ms) == {'infer', 'interval', 'certify', 'total'}
+    certified = result.certified
+    assert certified.any()
+    b, p = result.boxes[certified], result.keypoints[certified]
+    assert ((b[:, 0] <= p[:, 0]) & (p[:, 0] <= b[:, 1])
+            & (b[:, 2] <= p[:, 1]) & (p[:, 1] <= b[:, 3])).all()
+    assert result.certify_stats['subboxes'] == 1
+
+
+def test_certification_off_and_score_threshold_skip(detector: Detector):
+    frame = _frames(1)[0]
+    off = FramePipeline(detector, PipelineSettings(certify=False)).process(frame, 0.0)
+    assert (off.status == CertStatus.SKIPPED).all() and np.isnan(off.boxes).all()
+    assert off.certify_stats == {} and off.certified_fraction == 0.0
+    pipe = FramePipeline(detector, FAST)
+    scores = pipe.process(frame, 0.0).scores
+    cut = float(np.median(scores))
+    pipe.configure(score_threshold=cut)
+    result = pipe.process(frame, 0.1)
+    low = result.scores < cut
+    assert low.any() and (result.status[low] == CertStatus.SKIPPED).all()
+    assert np.isnan(result.boxes[low]).all()
+    assert (result.status[~low] != CertStatus.SKIPPED).all()
+
+
+def test_same_frames_give_the_same_results(detector: Detector):
+    def run() -> list[dict]:
+        pipe = FramePipeline(detector, FAST)
+        return [pipe.process(f, i / 30).to_json(timings=False)
+                for i, f in enumerate(_frames(4, seed=3))]
+
+    assert run() == run()
+
+
+def test_fixed_mode_certifies_over_the_configured_box(detector: Detector):
+    settings = PipelineSettings(max_subboxes=1, interval=IntervalSettings(
+        mode='fixed', fixed_alpha=(0.95, 1.05), fixed_beta=(-0.01, 0.01)))
+    result = FramePipeline(detector, settings).process(_frames(1)[0], 0.0)
+    assert result.interval.alpha == pytest.approx((0.95, 1.05))
+    assert result.interval.beta == pytest.approx((-0.01, 0.01))
+
+
+def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
+    pipe = FramePipeline(detector, FAST)
+    pipe.process(_frames(1)[0], 0.0)
+    bad = np.full((48, 64), np.nan, np.float32)
+    with pytest.raises(ImageError):
+        pipe.process(bad, 0.1)
+    assert len(pipe.interval) == 1
+
+
+@pytest.mark.parametrize('kwargs, word', [
+    ({'readout': 'median'}, 'readout'),
+    ({'method': 'magic'}, 'method'),
+    ({'budget_ms': -1.0}, 'budget_ms'),
+    ({'max_subboxes': 0}, 'max_subboxes'),
+    ({'max_width_px': 0.0}, 'max_width_px'),
+    ({'score_threshold': 1.5}, 'score_threshold'),
+])
+def test_invalid_settings_are_refused(kwargs: dict, word: str):
+    with pytest.raises(ValueError, match=word):
+        PipelineSettings(**kwargs)
+
+
+def test_describe_states_names_hash_and_pixel_convention(detector: Detector):
+    doc = FramePipeline(detector).describe()
+    assert doc['keypoint_names'] == list(detector.keypoint_names)
+    assert 'top-left pixel is (0, 0)' in doc['pixel_convention']
+    assert doc['status_codes'] == {'NOT_CERTIFIED': 0, 'CERTIFIED': 1, 'OUT_OF_BUDGET': 2,
+                                   'SKIPPED': 3}
+
+
+def test_pipeline_does_not_import_rclpy():
+    """Walk the package imports of pipeline/interval (static, no subprocess): no ROS."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    todo, seen = ['usn_perception.pipeline', 'usn_perception.interval'], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = root / (name.replace('.', '/') + '.py')
+        if not path.is_file():
+            path = root / name.replace('.', '/') / '__init__.py'
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+            for mod in names:
+                assert not mod.startswith(('rclpy', 'usn_perception.ros')), (name, mod)
+                if mod.startswith('usn_perception'):
+                    todo.append(mod)
+    assert 'usn_perception.certify' in seen

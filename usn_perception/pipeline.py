@@ -1,0 +1,206 @@
+"""The per-frame core shared by the node, the bag evaluator and the CLI (no ROS in here).
+
+One :class:`FramePipeline` turns a decoded frame and its stamp into one :class:`FrameResult`:
+predict the keypoints, measure the brightness/contrast box Θ the camera is seeing
+(:mod:`usn_perception.interval`), certify every keypoint over Θ within a budget, all in
+input-image pixels (centre of the top-left pixel = (0, 0)), with per-stage timings.
+
+Given the same frames and stamps the results are the same, timings aside, as long as the
+certification budget has no wall-clock part (``budget_ms`` None): a time limit makes the
+refinement depth depend on the machine's speed, which is fine online and wrong for replays.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from usn_perception.certify import METHODS, Budget, CertStatus, certify_keypoints
+from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
+from usn_perception.network import READOUTS
+
+PIXEL_CONVENTION = ('image pixels; the centre of the top-left pixel is (0, 0), x right, '
+                    'y down')
+SCHEMA = 'usn_perception.keypoints/1'
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What the pipeline does per frame; validated on construction.
+
+    ``certify``: run certification at all (else every status is SKIPPED). ``method``,
+    ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none) and ``max_width_px``
+    (wider boxes are NOT_CERTIFIED, None = no limit) go to
+    :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
+    ``score_threshold`` are not certified (SKIPPED, NaN box); when none is left, the
+    certification is skipped. ``readout`` None uses the model's.
+    """
+
+    readout: str | None = None
+    certify: bool = True
+    method: str = 'forward'
+    max_subboxes: int = 5
+    budget_ms: float | None = None
+    max_width_px: float | None = None
+    score_threshold: float = 0.0
+    interval: IntervalSettings = field(default_factory=IntervalSettings)
+
+    def __post_init__(self) -> None:
+        """Refuse settings that make no sense, naming the setting."""
+        if self.readout is not None and self.readout not in READOUTS:
+            raise ValueError(f'readout must be one of {READOUTS}, got {self.readout!r}')
+        if self.method not in METHODS:
+            raise ValueError(f'method must be one of {METHODS}, got {self.method!r}')
+        if self.budget_ms is not None and not (math.isfinite(self.budget_ms)
+                                               and self.budget_ms > 0):
+            raise ValueError(f'budget_ms must be positive or None, got {self.budget_ms}')
+        if self.max_width_px is not None and not (math.isfinite(self.max_width_px)
+                                                  and self.max_width_px > 0):
+            raise ValueError(f'max_width_px must be positive or None, got {self.max_width_px}')
+        if not 0.0 <= float(self.score_threshold) <= 1.0:
+            raise ValueError(f'score_threshold must lie in [0, 1], got {self.score_threshold}')
+        if not isinstance(self.interval, IntervalSettings):
+            raise ValueError('interval must be IntervalSettings')
+        Budget(max_subboxes=self.max_subboxes, max_ms=self.budget_ms)  # validates both
+
+    @property
+    def budget(self) -> Budget:
+        """The certification budget these settings describe."""
+        return Budget(max_subboxes=self.max_subboxes, max_ms=self.budget_ms)
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """Everything the pipeline knows about one frame.
+
+    ``keypoints`` (K, 2) nominal, ``scores`` (K,), ``boxes`` (K, 4) float64
+    [u_lo, u_hi, v_lo, v_hi] (NaN where there is none), ``status`` (K,) uint8
+    :class:`~usn_perception.certify.CertStatus` values, ``interval`` the Θ certified over,
+    ``timings_ms`` per stage (infer, interval, certify, total).
+    """
+
+    stamp: float
+    image_shape: tuple[int, ...]
+    keypoints: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+    status: np.ndarray
+    interval: IntervalEstimate
+    timings_ms: dict[str, float]
+    certify_stats: dict = field(default_factory=dict)
+
+    @property
+    def certified(self) -> np.ndarray:
+        """(K,) bool: certified keypoints."""
+        return self.status == int(CertStatus.CERTIFIED)
+
+    @property
+    def certified_fraction(self) -> float:
+        """Fraction of the K keypoints that carry a certified box."""
+        return float(self.certified.mean()) if self.status.size else 0.0
+
+    def to_json(self, *, timings: bool = True) -> dict:
+        """JSON form (NaN → null); ``timings=False`` gives a deterministic record."""
+        def num(v: float) -> float | None:
+            return float(v) if np.isfinite(v) else None
+
+        doc = {
+            'stamp': self.stamp,
+            'image_shape': list(self.image_shape),
+            'keypoints': [[num(v) for v in row] for row in self.keypoints],
+            'scores': [num(v) for v in self.scores],
+            'boxes': [[num(v) for v in row] for row in self.boxes],
+            'status': [CertStatus(int(s)).name for s in self.status],
+            'interval': self.interval.to_json(),
+        }
+        if timings:
+            doc['timings_ms'] = dict(self.timings_ms)
+        return doc
+
+
+class FramePipeline:
+    """Frame + stamp → :class:`FrameResult`; keeps the interval window between frames."""
+
+    def __init__(self, detector, settings: PipelineSettings | None = None) -> None:
+        """Wrap a loaded :class:`~usn_perception.detector.Detector`."""
+        self.detector = detector
+        self._settings = settings or PipelineSettings()
+        self.interval = IntervalEstimator(self._settings.interval)
+
+    @property
+    def settings(self) -> PipelineSettings:
+        """The settings used for the next frame."""
+        return self._settings
+
+    def configure(self, settings: PipelineSettings | None = None, **changes) -> PipelineSettings:
+        """Swap settings (whole, or ``changes`` to the current ones); validated first."""
+        new = replace(settings or self._settings, **changes)
+        self._settings = new
+        self.interval.configure(new.interval)
+        return new
+
+    def reset(self) -> None:
+        """Forget the interval window (a new sequence starts)."""
+        self.interval.reset()
+
+    @property
+    def keypoint_names(self) -> tuple[str, ...]:
+        """Names of the K keypoints, in output order."""
+        return tuple(self.detector.keypoint_names)
+
+    def describe(self) -> dict:
+        """Static facts consumers need to read the outputs (the node's info topic)."""
+        s = self._settings
+        return {
+            'schema': SCHEMA,
+            'keypoint_names': list(self.keypoint_names),
+            'model_sha256': self.detector.sha256,
+            'model_source': self.detector.source,
+            'input_size': list(self.detector.config.input_size),
+            'readout': s.readout or self.detector.readout,
+            'pixel_convention': PIXEL_CONVENTION,
+            'status_codes': {c.name: int(c) for c in CertStatus},
+            'certify': {'enabled': s.certify, 'method': s.method,
+                        'max_subboxes': s.max_subboxes, 'budget_ms': s.budget_ms,
+                        'max_width_px': s.max_width_px, 'score_threshold': s.score_threshold},
+            'interval': {'mode': s.interval.mode, 'fixed_alpha': list(s.interval.fixed_alpha),
+                         'fixed_beta': list(s.interval.fixed_beta),
+                         'margin_alpha': s.interval.margin_alpha,
+                         'margin_beta': s.interval.margin_beta,
+                         'window_s': s.interval.window_s},
+            'perturbation': "x' = clip(alpha * x + beta, 0, 1), x in [0, 1]",
+        }
+
+    def process(self, image: np.ndarray, stamp: float) -> FrameResult:
+        """Run one frame (HxW or HxWx3 RGB; uint8, uint16 or float in [0, 1]).
+
+        Raises :class:`~usn_perception.errors.ImageError` on a bad frame (nothing is kept
+        from it), and whatever the certifier raises on an internal failure.
+        """
+        s = self._settings
+        t0 = time.perf_counter()
+        pred = self.detector.run(image, readout=s.readout)  # validates the whole frame
+        t1 = time.perf_counter()
+        estimate = self.interval.update(image, stamp)
+        t2 = time.perf_counter()
+        k = pred.keypoints.shape[0]
+        boxes = np.full((k, 4), np.nan)
+        status = np.full(k, int(CertStatus.SKIPPED), dtype=np.uint8)
+        stats: dict = {}
+        wanted = pred.scores >= s.score_threshold
+        if s.certify and wanted.any():
+            cert = certify_keypoints(self.detector, image, estimate.as_box(), readout=s.readout,
+                                     method=s.method, budget=s.budget,
+                                     max_width_px=s.max_width_px)
+            boxes[wanted] = cert.boxes[wanted]
+            status[wanted] = cert.status[wanted]
+            stats = cert.stats
+        t3 = time.perf_counter()
+        timings = {'infer': (t1 - t0) * 1e3, 'interval': (t2 - t1) * 1e3,
+                   'certify': (t3 - t2) * 1e3, 'total': (t3 - t0) * 1e3}
+        return FrameResult(float(stamp), tuple(np.shape(image)), pred.keypoints,
+                           pred.scores.astype(np.float64), boxes, status, estimate, timings,
+                           stats)

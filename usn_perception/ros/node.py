@@ -1,0 +1,509 @@
+"""``usn_perception_node``: keypoints plus certified bounds for the measured θ box, online.
+
+A lifecycle node that autostarts (parameter ``autostart``), so ``usn_perception_node`` works
+without a lifecycle manager. ``on_configure`` loads the model and builds the
+:class:`~usn_perception.pipeline.FramePipeline`; ``on_activate`` subscribes. The image
+callback only stores the newest message (an overwritten one counts as dropped); a worker
+thread decodes, runs the pipeline and publishes, so the executor never blocks on inference.
+A bad message (encoding, size, NaN, undecodable) or a failing frame is warned about
+(throttled), counted in ``/diagnostics`` and skipped: the node never dies on a message.
+
+Topics (relative, so a namespace per camera works): in ``image`` (``sensor_msgs/Image``) or
+``image/compressed``; out ``~/keypoints`` (PointCloud2, see :mod:`.pointcloud`),
+``~/photometric_interval`` (PolygonStamped, see :mod:`.photometric`), ``~/keypoints/info``
+(latched JSON), ``~/debug_image`` (only drawn while subscribed) and ``/diagnostics``.
+See docs/node.md for parameters and QoS.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PolygonStamped
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+)
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from std_msgs.msg import String
+
+from usn_perception.certify import METHODS, CertStatus
+from usn_perception.errors import ImageError
+from usn_perception.interval import MODES, IntervalSettings
+from usn_perception.network import READOUTS
+from usn_perception.pipeline import FramePipeline, FrameResult, PipelineSettings
+from usn_perception.ros.conversions import compressed_to_numpy, image_to_numpy, numpy_to_image
+from usn_perception.ros.diagnostics import NodeStats
+from usn_perception.ros.photometric import interval_to_polygon
+from usn_perception.ros.pointcloud import KEYPOINT_DTYPE, pack_keypoints
+
+NODE_NAME = 'usn_perception'
+TRANSPORTS = ('raw', 'compressed')
+#: Input: SensorData-like (best effort keeps up with any publisher), newest frame only.
+INPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                       reliability=ReliabilityPolicy.BEST_EFFORT,
+                       durability=DurabilityPolicy.VOLATILE)
+#: Outputs: system default, reliable, as REP-2003 asks of publishers.
+OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                        reliability=ReliabilityPolicy.RELIABLE)
+#: Latched info: late subscribers get the last message.
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+WARN_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: default, description, constraints."""
+
+    default: Any
+    description: str
+    read_only: bool = False
+    range: tuple[float, float] | None = None
+    choices: tuple[str, ...] | None = None
+
+
+PARAMETERS: dict[str, Param] = {
+    'model_path': Param('', 'model .json or directory; empty = the shipped default '
+                            '(share/usn_perception/models/default)', read_only=True),
+    'device': Param('auto', 'auto | cpu | cuda[:N]; asking for cuda without CUDA fails '
+                            'configure', read_only=True),
+    'input_transport': Param('raw', "'raw': sensor_msgs/Image on `image`; 'compressed': "
+                                    'sensor_msgs/CompressedImage on `image/compressed`',
+                             read_only=True, choices=TRANSPORTS),
+    'num_threads': Param(1, 'torch CPU threads (0 = torch default); 1 avoids thread '
+                            'contention on shared CPUs', read_only=True, range=(0, 256)),
+    'autostart': Param(True, 'configure and activate at start (no lifecycle manager needed)',
+                       read_only=True),
+    'diagnostics_period_s': Param(1.0, 'period of /diagnostics', read_only=True,
+                                  range=(0.1, 60.0)),
+    'enabled': Param(True, 'process frames; false = count and ignore them'),
+    'readout': Param('', "keypoint readout: '' (the model's), " + ', '.join(READOUTS),
+                     choices=('', *READOUTS)),
+    'score_threshold': Param(0.0, 'keypoints scoring below this are not certified '
+                                  '(status SKIPPED, NaN box)', range=(0.0, 1.0)),
+    'publish_debug_image': Param(True, 'draw ~/debug_image (only while it has subscribers)'),
+    'interval.mode': Param('measured', 'measured: θ box from the recent frames; fixed: '
+                                       'interval.fixed_alpha x interval.fixed_beta',
+                           choices=MODES),
+    'interval.fixed_alpha': Param([0.8, 1.2], 'fixed contrast range [lo, hi] (holds 1); also '
+                                              'the fallback when a measurement fails'),
+    'interval.fixed_beta': Param([-0.1, 0.1], 'fixed brightness range [lo, hi] (holds 0)'),
+    'interval.margin_alpha': Param(0.02, 'added on both sides of the measured α range',
+                                   range=(0.0, 1.0)),
+    'interval.margin_beta': Param(0.02, 'added on both sides of the measured β range',
+                                  range=(0.0, 1.0)),
+    'interval.window_s': Param(1.0, 'look-back of the measured interval (stamp seconds)',
+                               range=(0.0, 60.0)),
+    'certify.enabled': Param(True, 'certify keypoints (false: status SKIPPED)'),
+    'certify.method': Param('forward', 'bound method: ' + ', '.join(METHODS), choices=METHODS),
+    'certify.max_subboxes': Param(5, 'θ sub-boxes bounded per frame (fixed work)',
+                                  range=(1, 4096)),
+    'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
+                                     '(deterministic)', range=(0.0, 10000.0)),
+    'certify.max_width_px': Param(0.0, 'boxes wider than this are NOT_CERTIFIED; 0 = no limit',
+                                  range=(0.0, 1e6)),
+}
+
+
+def _descriptor(name: str, spec: Param) -> ParameterDescriptor:
+    text = spec.description
+    if spec.choices:
+        text += f' (one of: {", ".join(repr(c) for c in spec.choices)})'
+    d = ParameterDescriptor(name=name, description=text, read_only=spec.read_only)
+    if spec.choices:
+        d.additional_constraints = 'one of: ' + ', '.join(repr(c) for c in spec.choices)
+    if spec.range is not None:
+        if isinstance(spec.default, bool):
+            pass
+        elif isinstance(spec.default, int):
+            d.integer_range = [IntegerRange(from_value=int(spec.range[0]),
+                                            to_value=int(spec.range[1]), step=1)]
+        else:
+            d.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
+                                                         to_value=float(spec.range[1]),
+                                                         step=0.0)]
+    return d
+
+
+def settings_from(values: dict[str, Any]) -> PipelineSettings:
+    """Pipeline settings from parameter values; ValueError names what is wrong."""
+    for name, spec in PARAMETERS.items():
+        if spec.choices and name in values and values[name] not in spec.choices:
+            raise ValueError(f'{name} must be one of {spec.choices}, got {values[name]!r}')
+    interval = IntervalSettings(
+        mode=values['interval.mode'],
+        fixed_alpha=tuple(values['interval.fixed_alpha']),
+        fixed_beta=tuple(values['interval.fixed_beta']),
+        margin_alpha=values['interval.margin_alpha'],
+        margin_beta=values['interval.margin_beta'],
+        window_s=values['interval.window_s'])
+    budget_ms = float(values['certify.budget_ms'])
+    width = float(values['certify.max_width_px'])
+    return PipelineSettings(
+        readout=values['readout'] or None,
+        certify=bool(values['certify.enabled']),
+        method=values['certify.method'],
+        max_subboxes=int(values['certify.max_subboxes']),
+        budget_ms=budget_ms if budget_ms > 0 else None,
+        max_width_px=width if width > 0 else None,
+        score_threshold=float(values['score_threshold']),
+        interval=interval)
+
+
+def _stamp_seconds(stamp) -> float:
+    return float(stamp.sec) + float(stamp.nanosec) * 1e-9
+
+
+class UsnPerceptionNode(LifecycleNode):
+    """The certified keypoint node (see the module docstring)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs) -> None:
+        """Declare the parameters (with descriptors) and the diagnostics publisher."""
+        super().__init__(node_name, **kwargs)
+        for name, spec in PARAMETERS.items():
+            self.declare_parameter(name, spec.default, _descriptor(name, spec))
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+
+        self.stats = NodeStats()
+        self.stats.info['state'] = 'unconfigured'
+        self.pipeline: FramePipeline | None = None
+        self._subscription = None
+        self._pubs: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self._pending: tuple[Any, float] | None = None
+        self._stop = False
+        self._worker: threading.Thread | None = None
+        self._encoding = ''
+        self._frame_id = ''
+
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        period = float(self.get_parameter('diagnostics_period_s').value)
+        self._diag_timer = self.create_timer(period, self.publish_diagnostics)
+
+    # ----------------------------------------------------------------- parameters
+    def _values(self) -> dict[str, Any]:
+        return {name: self.get_parameter(name).value for name in PARAMETERS}
+
+    def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        values = self._values()
+        for p in params:
+            if p.name in PARAMETERS:
+                values[p.name] = p.value
+        try:
+            settings_from(values)
+        except (ValueError, TypeError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, params: list[Parameter]) -> None:
+        if self.pipeline is None or not any(p.name in PARAMETERS for p in params):
+            return
+        self.pipeline.configure(settings_from(self._values()))
+        self.get_logger().info('parameters applied: ' + ', '.join(
+            f'{p.name}={p.value}' for p in params))
+        self.publish_info()
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the model (failing loudly) and create the publishers."""
+        from usn_perception.detector import load_detector, resolve_device
+
+        values = self._values()
+        try:
+            if values['num_threads'] > 0:
+                import torch
+
+                torch.set_num_threads(int(values['num_threads']))
+            device = str(resolve_device(values['device']))
+            detector = load_detector(values['model_path'] or None, device=device)
+            self.pipeline = FramePipeline(detector, settings_from(values))
+        except Exception as exc:  # noqa: BLE001 - any load failure must be reported, not raised
+            self.stats.error = f'configure failed: {exc}'
+            self.get_logger().fatal(self.stats.error)
+            return TransitionCallbackReturn.FAILURE
+        self.stats.error = None
+        self.stats.info.update(model_sha256=str(detector.sha256), device=device,
+                               model=str(detector.source))
+        self._pubs = {
+            'keypoints': self.create_lifecycle_publisher(
+                PointCloud2, '~/keypoints', OUTPUT_QOS,
+                qos_overriding_options=QoSOverridingOptions.with_default_policies()),
+            'interval': self.create_lifecycle_publisher(
+                PolygonStamped, '~/photometric_interval', OUTPUT_QOS,
+                qos_overriding_options=QoSOverridingOptions.with_default_policies()),
+            'debug': self.create_lifecycle_publisher(Image, '~/debug_image', 5),
+            'info': self.create_publisher(String, '~/keypoints/info', LATCHED_QOS),
+        }
+        self.stats.info['state'] = 'inactive'
+        self.get_logger().info(f'model {detector!r} on {device}')
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe to the input and start the worker."""
+        transport = self.get_parameter('input_transport').value
+        base = self.resolve_topic_name('image')
+        msg_type, topic = (Image, 'image') if transport == 'raw' else (
+            CompressedImage, base + '/compressed')
+        events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos,
+                                            message_lost=self._on_message_lost)
+        self._subscription = self.create_subscription(
+            msg_type, topic, self._on_image, INPUT_QOS, event_callbacks=events,
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        self._stop = False
+        self._worker = threading.Thread(target=self._work, name='usn_perception_worker',
+                                        daemon=True)
+        self._worker.start()
+        result = super().on_activate(state)
+        self.publish_info()
+        self.stats.info.update(state='active', input=self._subscription.topic_name,
+                               transport=transport)
+        self.get_logger().info(f'listening on {self._subscription.topic_name} ({transport})')
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Unsubscribe and stop the worker."""
+        self._stop_worker()
+        if self._subscription is not None:
+            self.destroy_subscription(self._subscription)
+            self._subscription = None
+        self.stats.info['state'] = 'inactive'
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Drop the publishers and the model."""
+        self._release()
+        self.stats.info['state'] = 'unconfigured'
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release everything, from whatever state."""
+        self._stop_worker()
+        if self._subscription is not None:
+            self.destroy_subscription(self._subscription)
+            self._subscription = None
+        self._release()
+        self.stats.info['state'] = 'finalized'
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        for name, pub in self._pubs.items():
+            if name == 'info':
+                self.destroy_publisher(pub)
+            else:
+                self.destroy_lifecycle_publisher(pub)
+        self._pubs = {}
+        self.pipeline = None
+
+    def destroy_node(self) -> None:
+        """Stop the worker thread before the node's entities go away."""
+        self._stop_worker()
+        super().destroy_node()
+
+    # ------------------------------------------------------------------- input
+    @property
+    def input_subscription(self):
+        """The image subscription while active (None otherwise)."""
+        return self._subscription
+
+    def _on_image(self, msg: Any) -> None:
+        self.stats.arrived()
+        if not self.get_parameter('enabled').value:
+            return
+        with self._cond:
+            if self._pending is not None:
+                self.stats.count('dropped')
+            self._pending = (msg, time.perf_counter())
+            self._cond.notify()
+
+    def _on_incompatible_qos(self, info: Any) -> None:
+        self.stats.count('incompatible_qos', max(1, int(info.total_count_change)))
+        kind = getattr(info.last_policy_kind, 'name', str(info.last_policy_kind))
+        text = (f'a publisher on the input offers QoS incompatible with this subscription '
+                f'(policy {kind}); override with qos_overrides.<topic>.subscription.*')
+        self.stats.problem(text)
+        self.get_logger().warning(text, throttle_duration_sec=WARN_EVERY_S)
+
+    def _on_message_lost(self, info: Any) -> None:
+        self.stats.count('message_lost', int(info.total_count_change))
+
+    def _stop_worker(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._pending = None
+            self._cond.notify_all()
+        worker, self._worker = self._worker, None
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=30.0)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                msg, arrived = self._pending
+                self._pending = None
+            try:
+                self.process_message(msg, arrived)
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any frame
+                if self._stop or not self.context.ok():
+                    return  # shutting down (e.g. SIGTERM): publishing fails, say nothing
+                self.stats.count('errors')
+                self.stats.problem(f'{type(exc).__name__}: {exc}')
+                self.get_logger().error(f'frame failed: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=WARN_EVERY_S)
+
+    # -------------------------------------------------------------- processing
+    def _skip(self, why: str) -> None:
+        self.stats.count('malformed')
+        self.stats.problem(why)
+        self.get_logger().warning(f'skipping frame: {why}', throttle_duration_sec=WARN_EVERY_S)
+
+    def process_message(self, msg: Any, arrived: float | None = None) -> FrameResult | None:
+        """Decode, run and publish one message; None when it was skipped."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return None
+        t0 = time.perf_counter()
+        arrived = t0 if arrived is None else arrived
+        try:
+            if isinstance(msg, CompressedImage):
+                self._encoding = f'compressed/{msg.format}'
+                frame = compressed_to_numpy(msg)
+            else:
+                self._encoding = str(msg.encoding)
+                frame = image_to_numpy(msg)
+        except (ImageError, ValueError, TypeError) as exc:
+            self._skip(str(exc))
+            return None
+        t1 = time.perf_counter()
+        stamp = _stamp_seconds(msg.header.stamp)
+        if stamp == 0.0:
+            stamp = self.get_clock().now().nanoseconds * 1e-9  # unstamped input
+        try:
+            result = pipeline.process(frame, stamp)
+        except ImageError as exc:
+            self._skip(str(exc))
+            return None
+        t2 = time.perf_counter()
+        self._publish(msg.header, frame, result)
+        t3 = time.perf_counter()
+        timings = {'queue': (t0 - arrived) * 1e3, 'decode': (t1 - t0) * 1e3,
+                   **{k: v for k, v in result.timings_ms.items() if k != 'total'},
+                   'pipeline': (t2 - t1) * 1e3, 'publish': (t3 - t2) * 1e3,
+                   'node': (t3 - arrived) * 1e3}
+        if msg.header.stamp.sec or msg.header.stamp.nanosec:
+            sent_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+            timings['age'] = (self.get_clock().now().nanoseconds - sent_ns) * 1e-6
+        self._frame_id = str(msg.header.frame_id)
+        self.stats.processed(timings, keypoints=int(result.status.size),
+                             certified=int(result.certified.sum()),
+                             out_of_budget=int((result.status
+                                                == int(CertStatus.OUT_OF_BUDGET)).sum()))
+        return result
+
+    def _publish(self, header: Any, frame: np.ndarray, result: FrameResult) -> None:
+        pubs = self._pubs
+        if not pubs:
+            return
+        pubs['keypoints'].publish(pack_keypoints(result.keypoints, result.scores, result.boxes,
+                                                 result.status, header))
+        est = result.interval
+        pubs['interval'].publish(interval_to_polygon(est.alpha, est.beta, header))
+        debug = pubs['debug']
+        if self.get_parameter('publish_debug_image').value and debug.get_subscription_count():
+            debug.publish(self.debug_image(frame, result, header))
+            self.stats.count('debug_images')
+
+    def debug_image(self, frame: np.ndarray, result: FrameResult, header: Any = None) -> Image:
+        """bgr8 picture: nominal keypoints, certified boxes green, the rest red, Θ as text."""
+        from usn_perception.visualize import draw_keypoints
+
+        est = result.interval
+        bgr = frame[:, :, ::-1] if frame.ndim == 3 else frame
+        text = (f'alpha [{est.alpha[0]:.3f}, {est.alpha[1]:.3f}] '
+                f'beta [{est.beta[0]:+.3f}, {est.beta[1]:+.3f}] {est.mode}\n'
+                f'{int(result.certified.sum())}/{result.status.size} certified')
+        canvas = draw_keypoints(bgr, result.keypoints, boxes=result.boxes,
+                                certified=result.certified, text=text)
+        return numpy_to_image(canvas, 'bgr8', header)
+
+    # ------------------------------------------------------------------ outputs
+    def info(self) -> dict:
+        """The JSON document of ``~/keypoints/info``."""
+        doc = self.pipeline.describe() if self.pipeline is not None else {}
+        doc.update(node=self.get_fully_qualified_name(),
+                   device=self.stats.info.get('device', ''),
+                   fields={name: KEYPOINT_DTYPE[name].str for name in KEYPOINT_DTYPE.names},
+                   interval_message='geometry_msgs/PolygonStamped corners (x=alpha, y=beta)',
+                   input_transport=self.get_parameter('input_transport').value)
+        return doc
+
+    def publish_info(self) -> None:
+        """Publish the latched info document (on activate and on parameter changes)."""
+        pub = self._pubs.get('info')
+        if pub is not None:
+            pub.publish(String(data=json.dumps(self.info(), sort_keys=True)))
+
+    def publish_diagnostics(self) -> None:
+        """One DiagnosticArray for the last period."""
+        self.stats.info['encoding'] = self._encoding
+        status = self.stats.status(f'{self.get_name()}: certified keypoints',
+                                   hardware_id=self._frame_id)
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(msg)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console entry point: start, autostart the lifecycle, spin until shut down."""
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = UsnPerceptionNode()
+        if node.get_parameter('autostart').value:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal('configure failed; exiting')
+                return 1
+            if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal('activate failed; exiting')
+                return 1
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
