@@ -328,8 +328,8 @@ def test_coupled_max_bounds_sampled_softargmax(max_cells):
         mid = form_at(dc, thetas[:, i])
         rad = form_at(dr, thetas[:, i])
         for extreme in (-1.0, 1.0, 0.0):
-            d = mid + extreme * rad if extreme else mid + (torch.rand(mid.shape, generator=gen,
-                                                                     dtype=F64) * 2 - 1) * rad
+            noise = torch.rand(mid.shape, generator=gen, dtype=F64) * 2 - 1
+            d = mid + extreme * rad if extreme else mid + noise * rad
             x = (torch.softmax(d, -1) * coords).sum(-1)
             assert bool((x <= upper + 1e-9).all())
 

@@ -65,7 +65,7 @@ class KeypointCertificate:
 
     @property
     def widths(self) -> np.ndarray:
-        """(K, 2) box widths (u, v) in pixels."""
+        """Box extent along u and v in pixels, shape (K, 2)."""
         return np.stack([self.boxes[:, 1] - self.boxes[:, 0],
                          self.boxes[:, 3] - self.boxes[:, 2]], -1)
 
@@ -164,11 +164,12 @@ def certify_keypoints(
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
     ``method``: 'forward' (linear bounds in θ, default) or 'ibp' (intervals, the baseline).
-    ``relu``: the forward-mode ReLU relaxation, 'parallel' (cheaper: a constant radius) or
-    'adaptive' (CROWN's λ ∈ {0, 1}: tighter, ~1.3x the time). ``budget`` defaults to
-    :data:`OFFLINE_BUDGET`. ``max_width_px`` marks keypoints whose box is wider than that (on
-    either axis) NOT_CERTIFIED; the box is still reported. Raises ``ValueError`` on a bad box,
-    method or readout, :class:`~usn_perception.errors.ImageError` on a bad image and
+    ``relu``: the forward-mode ReLU relaxation, 'parallel' (default: a θ-independent radius,
+    cheapest) or 'adaptive' (CROWN's λ ∈ {0, 1}: often tighter per sub-box, ~1.4x the time).
+    ``budget`` defaults to :data:`OFFLINE_BUDGET`. ``max_width_px`` marks keypoints whose box
+    is wider than that (on either axis) NOT_CERTIFIED; the box is still reported. Raises
+    ``ValueError`` on a bad box, method, readout, relu or budget,
+    :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.
     """
     t0 = time.perf_counter()
@@ -178,6 +179,8 @@ def certify_keypoints(
         raise ValueError(f'unknown readout {readout!r}; choose one of {READOUTS}')
     if method not in METHODS:
         raise ValueError(f'unknown method {method!r}; choose one of {METHODS}')
+    if relu not in ('parallel', 'adaptive'):
+        raise ValueError(f"relu must be 'parallel' or 'adaptive', got {relu!r}")
     budget = OFFLINE_BUDGET if budget is None else budget
     if not isinstance(budget, Budget):
         raise ValueError(f'budget must be a Budget, got {budget!r}')

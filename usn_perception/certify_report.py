@@ -145,4 +145,3 @@ def _markdown(summary: dict, tolerances: Sequence[float], has_sweep: bool) -> st
                  '']
     text += ['![examples: green boxes certified, yellow crosses ground truth](examples.png)', '']
     return '\n'.join(text)
-

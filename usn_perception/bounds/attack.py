@@ -31,7 +31,7 @@ class EmpiricalRange:
 
     @property
     def widths(self) -> np.ndarray:
-        """(K, 2) empirical widths (x, y) in pixels."""
+        """Empirical extent along x and y in pixels, shape (K, 2)."""
         return self.hi - self.lo
 
 

@@ -40,7 +40,7 @@ def reference_cells(centre: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_cells(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t (N, k, K, n), idx (N, K) → (N, k, K, 1)."""
+    """Gather cells: t (N, k, K, n), idx (N, K) → (N, k, K, 1)."""
     return t.gather(3, idx[:, None, :, None].expand(t.shape[0], t.shape[1], -1, 1))
 
 
