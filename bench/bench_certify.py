@@ -57,6 +57,10 @@ def ratios(cert_widths: np.ndarray, emp_widths: np.ndarray) -> np.ndarray:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -91,7 +95,7 @@ def main() -> None:
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--readout', default=None)
     ap.add_argument('--offline-budgets', default='1,8,32,96')
-    ap.add_argument('--scales', default='1e-4,1e-3,1e-2,0.1,1',
+    ap.add_argument('--scales', default='1e-5,1e-4,1e-3,1e-2,1',
                     help='node-box scale factors for the size sweep')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results_certify.md'))
     ap.add_argument('--memory-probe', action='store_true', help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from usn_perception.bounds.box import Budget, PhotometricBox, split_boxes
+from usn_perception.bounds.diagnostics import layer_bounds
 from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import SUPPORTED_LAYERS, compile_network
@@ -269,6 +270,10 @@ def test_compile_cache_follows_in_place_changes():
         net[0].weight.mul_(2.0)
     second = compile_network(net, (1, 8, 8))
     assert second is not first
+    net[1].running_var.data.mul_(3.0)  # .data bypasses the version counter
+    third = compile_network(net, (1, 8, 8))
+    assert third is not second
+    second = third
     x = torch.rand(1, 1, 8, 8, dtype=F64)
     torch.testing.assert_close(second.forward(x), net(x))
     net.train()
@@ -380,3 +385,16 @@ def test_refine_never_widens_and_respects_budget():
     leaves = many.boxes
     area = ((leaves[:, 1] - leaves[:, 0]) * (leaves[:, 3] - leaves[:, 2])).sum()
     assert float(area) == pytest.approx(0.4 * 0.2, rel=1e-12)  # leaves tile the root
+
+
+def test_layer_bounds_reports_every_op():
+    det = _det((32, 24))
+    img = np.random.default_rng(0).random((24, 32))
+    report = layer_bounds(det, img, PhotometricBox((0.9, 1.1), (-0.05, 0.05)))
+    assert len(report) == len(compile_network(det.net, (1, 24, 32)).ops)
+    relus = [r for r in report if r.kind == 'relu']
+    assert len(relus) == 9 and all(r.unstable_per_channel.shape == (4,) for r in relus)
+    assert all(r.unstable == int(r.unstable_per_channel.sum()) for r in relus)
+    assert all(r.bound_width >= r.theta_width - 1e-12 for r in report)
+    point = layer_bounds(det, img, PhotometricBox.point(1.0, 0.0))
+    assert all(r.radius_width == 0.0 and r.unstable == 0 for r in point)

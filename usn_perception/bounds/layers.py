@@ -197,8 +197,15 @@ def _compile_ops(net: nn.Module) -> list[Op]:
 
 
 def _fingerprint(net: nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    """Identity, version counter and a checksum of every tensor, plus train/eval flags.
+
+    The checksum catches in-place edits through ``.data``, which bypass version counters.
+    """
     tensors = [*net.parameters(), *net.buffers()]
-    return (tuple(input_shape), tuple((id(t), t._version) for t in tensors),
+    with torch.no_grad():
+        sums = tuple(float(t.double().abs().sum() + t.double().sum()) if t.is_floating_point()
+                     else int(t.sum()) for t in tensors)
+    return (tuple(input_shape), tuple((id(t), t.data_ptr(), t._version) for t in tensors), sums,
             tuple(m.training for m in net.modules()))
 
 

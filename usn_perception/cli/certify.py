@@ -19,7 +19,7 @@ def _cfg_certify(p: argparse.ArgumentParser) -> None:
     p.add_argument('--tolerance', type=floats, default=(2.0, 3.0, 5.0),
                    help='tolerances τ in pixels for certified accuracy and PCK')
     p.add_argument('--out', required=True, type=Path, help='report folder')
-    p.add_argument('--method', choices=('forward', 'ibp', 'crown'), default='forward')
+    p.add_argument('--method', choices=('forward', 'ibp'), default='forward')
     p.add_argument('--budget', type=int, default=None,
                    help='maximum θ sub-boxes per image (default: the offline budget)')
     p.add_argument('--budget-ms', type=float, default=None,
