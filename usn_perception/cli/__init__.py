@@ -18,7 +18,7 @@ from usn_perception.cli.registry import COMMANDS
 from usn_perception.errors import UsnPerceptionError
 
 #: Modules that register subcommands, in the order they appear in --help.
-COMMAND_MODULES = ('data', 'models', 'certify', 'demo')
+COMMAND_MODULES = ('data', 'models', 'certify', 'prune', 'bag', 'demo')
 
 
 def load_commands() -> dict:
