@@ -206,6 +206,11 @@ def test_qos_override_and_incompatible_publisher_is_reported(harness):
     assert h.node.stats.counts['processed'] == 0
     status = h.node.stats.status('n')
     assert status.level == DiagnosticStatus.ERROR and 'RELIABILITY' in status.message
+    # rclpy applies overrides by mutating the profile it is given: the node's shared default
+    # must stay untouched, or every later node in this process would subscribe reliably.
+    from usn_perception.ros import node as node_module
+
+    assert node_module.INPUT_QOS.reliability == ReliabilityPolicy.BEST_EFFORT
 
 
 def test_parameter_changes_apply_or_are_rejected_with_a_reason(harness):

@@ -17,6 +17,7 @@ See docs/node.md for parameters and QoS.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -249,13 +250,13 @@ class UsnPerceptionNode(LifecycleNode):
                                model=str(detector.source))
         self._pubs = {
             'keypoints': self.create_lifecycle_publisher(
-                PointCloud2, '~/keypoints', OUTPUT_QOS,
+                PointCloud2, '~/keypoints', copy.copy(OUTPUT_QOS),
                 qos_overriding_options=QoSOverridingOptions.with_default_policies()),
             'interval': self.create_lifecycle_publisher(
-                PolygonStamped, '~/photometric_interval', OUTPUT_QOS,
+                PolygonStamped, '~/photometric_interval', copy.copy(OUTPUT_QOS),
                 qos_overriding_options=QoSOverridingOptions.with_default_policies()),
             'debug': self.create_lifecycle_publisher(Image, '~/debug_image', 5),
-            'info': self.create_publisher(String, '~/keypoints/info', LATCHED_QOS),
+            'info': self.create_publisher(String, '~/keypoints/info', copy.copy(LATCHED_QOS)),
         }
         self.stats.info['state'] = 'inactive'
         self.get_logger().info(f'model {detector!r} on {device}')
@@ -269,8 +270,10 @@ class UsnPerceptionNode(LifecycleNode):
             CompressedImage, base + '/compressed')
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos,
                                             message_lost=self._on_message_lost)
+        # A copy: rclpy applies qos_overrides by mutating the profile it is given, which would
+        # leak one node's override into every later node of the process.
         self._subscription = self.create_subscription(
-            msg_type, topic, self._on_image, INPUT_QOS, event_callbacks=events,
+            msg_type, topic, self._on_image, copy.copy(INPUT_QOS), event_callbacks=events,
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._stop = False
         self._worker = threading.Thread(target=self._work, name='usn_perception_worker',
