@@ -77,3 +77,17 @@ def ros_domain(monkeypatch: pytest.MonkeyPatch) -> int:
 def repo_root() -> Path:
     """The source checkout."""
     return REPO
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random detector on disk (64×48 input, widths 8, 5 keypoints), for fast tests."""
+    import torch
+
+    from usn_perception.model_io import save_model
+    from usn_perception.network import DetectorConfig, build_network
+
+    torch.manual_seed(0)
+    config = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
+    return save_model(build_network(config).eval(), config,
+                      tmp_path_factory.mktemp('model') / 'model.json')

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from usn_perception.bag.evaluate import evaluate_bag
 from usn_perception.bag.outputs import compare_outputs, read_outputs
@@ -21,8 +20,6 @@ from usn_perception.bag.sources import lighting, synthetic_source
 from usn_perception.bag.write import BagSpec, write_image_bag
 from usn_perception.cli import main as cli_main
 from usn_perception.detector import load_detector
-from usn_perception.model_io import save_model
-from usn_perception.network import DetectorConfig, build_network
 from usn_perception.pipeline import PipelineSettings
 
 FAST = PipelineSettings(max_subboxes=1)
@@ -30,12 +27,9 @@ N = 10
 
 
 @pytest.fixture(scope='module')
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random detector on disk (64×48 input, 5 keypoints)."""
-    torch.manual_seed(0)
-    config = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
-    return save_model(build_network(config).eval(), config,
-                      tmp_path_factory.mktemp('model') / 'model.json')
+def model(tiny_model: Path) -> Path:
+    """The shared tiny random detector (see conftest)."""
+    return tiny_model
 
 
 def make(out: Path, **spec) -> dict:

@@ -88,17 +88,9 @@ def replay_in_child(tmp_path: Path, **args) -> dict:
 
 
 @pytest.fixture(scope='module')
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random detector on disk."""
-    import torch
-
-    from usn_perception.model_io import save_model
-    from usn_perception.network import DetectorConfig, build_network
-
-    torch.manual_seed(0)
-    config = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
-    return save_model(build_network(config).eval(), config,
-                      tmp_path_factory.mktemp('model') / 'model.json')
+def model(tiny_model: Path) -> Path:
+    """The shared tiny random detector (see conftest)."""
+    return tiny_model
 
 
 @pytest.mark.parametrize('storage,compression', [('mcap', None), ('sqlite3', 'png')])

@@ -35,8 +35,6 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image, PointCloud2  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from usn_perception.model_io import save_model  # noqa: E402
-from usn_perception.network import DetectorConfig, build_network  # noqa: E402
 from usn_perception.ros.conversions import (  # noqa: E402
     image_to_numpy,
     numpy_to_compressed,
@@ -54,15 +52,6 @@ NS = '/usn_perception'
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 BEST_EFFORT = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
 FAST = {'certify.max_subboxes': 1, 'certify.budget_ms': 0.0, 'diagnostics_period_s': 0.5}
-
-
-@pytest.fixture(scope='module')
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random detector on disk (64×48 input, 5 keypoints)."""
-    torch.manual_seed(0)
-    config = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
-    return save_model(build_network(config).eval(), config,
-                      tmp_path_factory.mktemp('model') / 'model.json')
 
 
 def _frame(seed: int = 0) -> np.ndarray:
