@@ -115,8 +115,9 @@ def test_lockstep_replay_equals_offline_frame_for_frame(ros_domain, model, tmp_p
     s = res['summary']
     assert res['complete'] and s['frames_sent'] == 10 and s['outputs_recorded'] == 10
     assert s['unexpected'] == 0 and s['warnings'] == []
-    # the info names the effective readout (the model's, soft-argmax, for readout None)
-    assert settings_from_info(res['info']) == replace(SETTINGS, readout='soft-argmax')
+    # the info names the effective readout (the model's, for readout None)
+    effective = load_detector(model).readout
+    assert settings_from_info(res['info']) == replace(SETTINGS, readout=effective)
 
     evaluate_bag(bag, tmp_path / 'offline', topic=topic, detector=load_detector(model),
                  settings=SETTINGS, plots=False)

@@ -113,3 +113,21 @@ def test_missing_files(tmp_path):
     path.with_suffix('.pt').unlink()
     with pytest.raises(ModelFileError, match='weights file not found'):
         load_model(path)
+
+
+def test_files_without_arch_are_the_plain_network():
+    """Model files written before ``arch`` existed keep loading as what they hold."""
+    from usn_perception.network import DetectorConfig
+
+    legacy = {'input_size': [64, 48], 'widths': [8] * 9, 'keypoint_names': ['a'],
+              'norm_mean': 0.5, 'norm_std': 0.25, 'readout': 'soft-argmax'}
+    config = DetectorConfig.from_json(legacy)
+    assert (config.arch, config.norm_mean, config.readout) == ('plain', 0.5, 'soft-argmax')
+    assert DetectorConfig.from_json(config.to_json()) == config
+    new = DetectorConfig()
+    assert (new.arch, new.readout, new.norm_mean) == ('homogeneous', 'centroid', 0.0)
+    assert DetectorConfig.from_json(new.to_json()) == new
+    with pytest.raises(ValueError, match='norm_mean'):
+        DetectorConfig(norm_mean=0.5)
+    with pytest.raises(ValueError, match='arch'):
+        DetectorConfig(arch='resnet')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -38,16 +39,24 @@ from usn_perception.train import TensorSet
 TINY = DetectorConfig(input_size=(32, 24), widths=(8,) * 9)
 
 
-def _net(seed: int = 0) -> nn.Sequential:
-    """A tiny net with non-trivial BatchNorm statistics (so masking is not a no-op)."""
+PLAIN = replace(TINY, arch='plain', readout='soft-argmax', norm_mean=0.5)
+
+
+def _net(seed: int = 0, config: DetectorConfig = TINY) -> nn.Sequential:
+    """A tiny net with non-trivial norm statistics (so masking is not a no-op).
+
+    The homogeneous architecture keeps its shifts at 0 (pruning re-imposes that).
+    """
     torch.manual_seed(seed)
-    net = build_network(TINY)
+    net = build_network(config)
     with torch.no_grad():
         for _, _, bn in prunable_layers(net):
-            bn.running_mean.uniform_(-0.2, 0.2)
+            if config.arch == 'plain':
+                bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
+            if config.arch == 'plain':
+                bn.bias.uniform_(-0.3, 0.3)
     return net.eval()
 
 
@@ -66,14 +75,15 @@ def _data(n: int = 16, seed: int = 0) -> TensorSet:
     return TensorSet(images, targets, torch.ones(n, k, dtype=torch.bool), kps, [mapping] * n)
 
 
-def test_pruned_net_is_smaller_and_equals_the_masked_original():
-    net = _net()
-    selection = plan_selection(channel_importance(net, 'random', seed=3), TINY.widths, 0.5)
+@pytest.mark.parametrize('config', [TINY, PLAIN], ids=['homogeneous', 'plain'])
+def test_pruned_net_is_smaller_and_equals_the_masked_original(config):
+    net = _net(config=config)
+    selection = plan_selection(channel_importance(net, 'random', seed=3), config.widths, 0.5)
     pruned = prune_channels(copy.deepcopy(net), selection)
     masked = zero_channels(copy.deepcopy(net), selection)
     assert layer_widths(pruned) == (4,) * 9
     assert count_parameters(pruned) < 0.4 * count_parameters(net)
-    assert count_macs(pruned, TINY.input_size) < 0.4 * count_macs(net, TINY.input_size)
+    assert count_macs(pruned, config.input_size) < 0.4 * count_macs(net, config.input_size)
     x = torch.rand(3, 1, 24, 32)
     with torch.no_grad():
         assert not torch.allclose(net(x), masked(x))  # the removed channels did carry signal
@@ -96,7 +106,7 @@ def test_selection_per_layer_global_and_progressive():
 
 
 def test_wasserstein_gradient_moves_only_the_selected_gates_to_zero():
-    net = _net()
+    net = _net(config=PLAIN)  # with a trainable shift, which the gate also counts
     selection = [np.array([0, 3])] + [np.array([], np.int64)] * 8
     bn = prunable_layers(net)[0][2]
     with torch.no_grad():

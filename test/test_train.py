@@ -24,15 +24,17 @@ def tiny_data(tmp_path_factory):
     return load_coco(paths['train']), load_coco(paths['val'])
 
 
-def test_loss_is_minimal_at_the_target():
+@pytest.mark.parametrize('readout', ['soft-argmax', 'centroid'])
+def test_loss_is_minimal_at_the_target(readout):
     hm = torch.zeros(1, 1, 12, 16)
     target = torch.tensor([[[5.0, 7.0]]])
     peaked = hm.clone()
-    peaked[0, 0, 7, 5] = 30.0
+    peaked[0, 0, 7, 5] = 30.0 if readout == 'soft-argmax' else 1.0
+    shifted = torch.roll(peaked, 3, dims=-1)
     labelled = torch.ones(1, 1, dtype=torch.bool)
-    assert keypoint_loss(peaked, target, labelled, 0.1, 1.0) < keypoint_loss(
-        hm, target, labelled, 0.1, 1.0)
-    assert keypoint_loss(hm, target, torch.zeros_like(labelled), 0.1, 1.0) == 0
+    loss = [keypoint_loss(h, target, labelled, 0.1, 1.0, readout) for h in (peaked, hm, shifted)]
+    assert loss[0] < loss[1] and loss[0] < loss[2]
+    assert keypoint_loss(hm, target, torch.zeros_like(labelled), 0.1, 1.0, readout) == 0
 
 
 def test_tiny_training_lowers_the_loss_and_saves(tiny_data, tmp_path):
@@ -40,7 +42,7 @@ def test_tiny_training_lowers_the_loss_and_saves(tiny_data, tmp_path):
     data = prepare(train_set, TINY, progress=False)
     torch.manual_seed(0)
     before = keypoint_loss(build_network(TINY).eval()(data.images), data.targets,
-                           data.labelled, 0.1, 1.0).item()
+                           data.labelled, 0.1, 1.0, TINY.readout).item()
     opts = TrainOptions(epochs=6, batch_size=8, lr=3e-3, seed=1)
     metrics = train_detector(train_set, val_set, tmp_path / 'm', config=TINY, options=opts,
                              progress=False, log=lambda s: None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,10 @@ from usn_perception.errors import UnsupportedLayerError
 from usn_perception.network import DetectorConfig, build_network, prunable_layers
 from usn_perception.usn import UsnScores, plot_scores, usn_scores
 
-TINY = DetectorConfig(input_size=(32, 24), widths=(6,) * 9)
+# The plain architecture: its channels differ in how brightness moves them, which is what
+# these tests construct. (In the homogeneous one every unclipped channel scales with α.)
+TINY = DetectorConfig(input_size=(32, 24), widths=(6,) * 9, arch='plain', norm_mean=0.5,
+                      readout='soft-argmax')
 
 
 def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
@@ -123,3 +128,18 @@ def test_bound_score_bounds_contain_sampled_preactivations():
     wide = bound_scores(det, [image], alpha, beta)
     assert all(np.all((0 <= s.score) & (s.score <= 1)) for s in wide.layers)
     assert wide.method == 'bound' and np.concatenate(wide.vectors()).min() < 1.0
+
+
+def test_homogeneous_network_has_no_unstable_relu_without_clipping():
+    """Certifiable by construction: unclipped pixels never flip a ReLU, whatever θ."""
+    from usn_perception.detector import Detector
+    from usn_perception.usn import bound_scores
+
+    config = replace(TINY, arch='homogeneous', norm_mean=0.0, readout='centroid')
+    torch.manual_seed(0)
+    det = Detector(build_network(config).eval(), config)
+    image = (_images(1)[0, 0].numpy() * 255).round().astype(np.uint8)  # in [0.2, 0.8]
+    scores = bound_scores(det, [image], (0.8, 1.2), (-0.1, 0.03))  # no pixel reaches 0 or 1
+    assert all(np.all(s.score == 1.0) for s in scores.layers)
+    clipped = bound_scores(det, [image], (0.8, 1.6), (-0.15, 0.15))
+    assert np.concatenate(clipped.vectors()).min() < 1.0

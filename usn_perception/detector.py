@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from usn_perception.model_io import default_model_path, load_model
-from usn_perception.network import READOUTS, DetectorConfig, count_parameters
+from usn_perception.network import READOUTS, DetectorConfig, apply_constraints, count_parameters
 from usn_perception.preprocess import PixelMapping, image_to_float, resize_area, to_gray
 from usn_perception.readout import peak_scores, read_keypoints
 
@@ -52,6 +52,9 @@ class Detector:
         self.metadata = metadata or {}
         self.device = torch.device(device)
         self.net = copy.deepcopy(net).to(self.device, torch.float64).eval()
+        # Re-impose the architecture's exact constraints in float64 (weights are stored in
+        # float32, where a zero-mean filter is only zero-mean to ~1e-7).
+        apply_constraints(self.net)
         for p in self.net.parameters():
             p.requires_grad_(False)
 

@@ -5,6 +5,17 @@ down, ConvTranspose2d up) ending in a 1x1 conv with one heatmap per keypoint. No
 connections and no per-image normalisation: a fixed :class:`InputNormalization` is the only
 input transform, so brightness and contrast reach the network unchanged and every layer is
 one the bound engine supports. Widths are per layer so pruning can change them.
+
+Two architectures share that chain (``DetectorConfig.arch``):
+
+* ``plain``: biased BatchNorm, zero padding, biased head (the first shipped model).
+* ``homogeneous`` (default): certifiable by construction. The first conv's filters have zero
+  mean and replicate padding, so it ignores a brightness offset β exactly; nothing after it
+  has a shift (:class:`ScaleNorm2d` instead of BatchNorm's centring, no biases), and ReLU is
+  positively homogeneous, so without clipping ``net(α·x + β) = α·net(x)``: every ReLU keeps
+  its sign over the whole θ box, the bound engine's forms are exact, and the ``centroid``
+  readout does not move at all. Only pixels that the clip to [0, 1] reaches make bounds
+  loose. Soundness never relies on this: the engine bounds any network; this makes it tight.
 """
 
 from __future__ import annotations
@@ -34,9 +45,10 @@ class DetectorConfig:
     input_size: tuple[int, int] = (128, 96)  # network input (W, H)
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     keypoint_names: tuple[str, ...] = DEFAULT_KEYPOINTS
-    norm_mean: float = 0.5
+    norm_mean: float = 0.0
     norm_std: float = 0.25
-    readout: str = 'soft-argmax'
+    readout: str = 'centroid'
+    arch: str = 'homogeneous'
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +66,10 @@ class DetectorConfig:
             raise ValueError('norm_std must be positive')
         if self.readout not in READOUTS:
             raise ValueError(f'readout must be one of {READOUTS}, got {self.readout!r}')
+        if self.arch not in ARCHS:
+            raise ValueError(f'arch must be one of {ARCHS}, got {self.arch!r}')
+        if self.arch == 'homogeneous' and self.norm_mean != 0.0:
+            raise ValueError('the homogeneous architecture needs norm_mean = 0 (no input shift)')
 
     @property
     def num_keypoints(self) -> int:
@@ -76,11 +92,16 @@ class DetectorConfig:
     @classmethod
     def from_json(cls, d: dict) -> DetectorConfig:
         """Inverse of :meth:`to_json`; unknown keys go to ``extra``."""
-        known = {'input_size', 'widths', 'keypoint_names', 'norm_mean', 'norm_std', 'readout'}
+        known = {'input_size', 'widths', 'keypoint_names', 'norm_mean', 'norm_std', 'readout',
+                 'arch'}
         missing = {'input_size', 'widths', 'keypoint_names'} - d.keys()
         if missing:
             raise ValueError(f'architecture is missing {sorted(missing)}')
         kwargs = {k: d[k] for k in known if k in d}
+        # Files written before ``arch`` existed hold the plain network and its defaults.
+        if 'arch' not in kwargs:
+            kwargs.update(arch='plain', norm_mean=kwargs.get('norm_mean', 0.5),
+                          readout=kwargs.get('readout', 'soft-argmax'))
         kwargs['input_size'] = tuple(int(v) for v in kwargs['input_size'])
         kwargs['widths'] = tuple(int(v) for v in kwargs['widths'])
         kwargs['keypoint_names'] = tuple(str(v) for v in kwargs['keypoint_names'])
@@ -93,11 +114,13 @@ class DetectorConfig:
         return DetectorConfig(
             input_size=self.input_size, widths=tuple(int(w) for w in widths),
             keypoint_names=self.keypoint_names, norm_mean=self.norm_mean,
-            norm_std=self.norm_std, readout=self.readout, extra=dict(self.extra),
+            norm_std=self.norm_std, readout=self.readout, arch=self.arch,
+            extra=dict(self.extra),
         )
 
 
-READOUTS = ('soft-argmax', 'argmax')
+READOUTS = ('centroid', 'soft-argmax', 'argmax')
+ARCHS = ('homogeneous', 'plain')
 
 
 class InputNormalization(nn.Module):
@@ -115,19 +138,104 @@ class InputNormalization(nn.Module):
         return f'mean={self.mean}, std={self.std}'
 
 
+class ZeroMeanConv2d(nn.Conv2d):
+    """A Conv2d whose filters are kept at zero mean (with replicate padding: β-invariant).
+
+    The forward pass is the plain convolution, so the bound engine and torch-pruning see an
+    ordinary Conv2d; training keeps the constraint by projecting after every optimiser step
+    (:func:`apply_constraints`).
+    """
+
+    def project_(self) -> None:
+        """Subtract each filter's mean, in place."""
+        with torch.no_grad():
+            self.weight -= self.weight.mean(dim=(1, 2, 3), keepdim=True)
+
+
+class ScaleNorm2d(nn.BatchNorm2d):
+    """BatchNorm without centring: ``γ·x / sqrt(E[x²] + ε)``, shift fixed at 0.
+
+    Training normalises by the batch's per-channel mean square and tracks it in
+    ``running_var`` (``running_mean`` and ``bias`` stay 0, the bias is frozen), so in eval mode
+    it *is* an ordinary BatchNorm2d with a zero shift: a per-channel scale, positively
+    homogeneous. Loads, prunes and bounds like BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training:
+            return super().forward(x)
+        ms = x.pow(2).mean(dim=(0, 2, 3))
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else (
+                1.0 / float(self.num_batches_tracked))
+            self.running_var.lerp_(ms.detach().to(self.running_var.dtype), m)
+        scale = self.weight / torch.sqrt(ms + self.eps)
+        return x * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
 def build_network(config: DetectorConfig) -> nn.Sequential:
     """Build the layer chain for ``config`` (input N×1×H×W in [0,1], output N×K×H/2×W/2)."""
+    homogeneous = config.arch == 'homogeneous'
     layers: list[nn.Module] = [InputNormalization(config.norm_mean, config.norm_std)]
     c_in = 1
-    for (kind, stride), width in zip(LAYER_PLAN, config.widths, strict=True):
-        if kind == 'c':
+    for i, ((kind, stride), width) in enumerate(zip(LAYER_PLAN, config.widths, strict=True)):
+        if kind == 'c' and i == 0 and homogeneous:
+            layers.append(ZeroMeanConv2d(c_in, width, 3, stride=stride, padding=1, bias=False,
+                                         padding_mode='replicate'))
+        elif kind == 'c':
             layers.append(nn.Conv2d(c_in, width, 3, stride=stride, padding=1, bias=False))
         else:
             layers.append(nn.ConvTranspose2d(c_in, width, 4, stride=2, padding=1, bias=False))
-        layers += [nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [ScaleNorm2d(width) if homogeneous else nn.BatchNorm2d(width), nn.ReLU()]
         c_in = width
-    layers.append(nn.Conv2d(c_in, config.num_keypoints, 1))
-    return nn.Sequential(*layers)
+    layers.append(nn.Conv2d(c_in, config.num_keypoints, 1, bias=not homogeneous))
+    net = nn.Sequential(*layers)
+    apply_constraints(net)
+    return net
+
+
+@torch.no_grad()
+def recalibrate_norms(net: nn.Module, images: torch.Tensor, batch: int = 64) -> None:
+    """Re-estimate every norm layer's running statistics as a plain average over ``images``.
+
+    Running averages lag behind fast-moving weights, so eval mode can disagree with training
+    mode; one pass with the final weights removes that (done after every epoch).
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms or images.shape[0] == 0:
+        return
+    was_training = net.training
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    for i in range(0, images.shape[0], batch):
+        net(images[i:i + batch])
+    for m, mom in zip(norms, saved, strict=True):
+        m.momentum = mom
+    net.train(was_training)
+
+
+def apply_constraints(net: nn.Module) -> None:
+    """Restore the architecture's constraints after an update: zero-mean filters, zero shifts.
+
+    Called after every optimiser step and after pruning (torch-pruning re-creates parameters
+    and would make ScaleNorm2d's frozen shift trainable again).
+    """
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, ZeroMeanConv2d):
+                m.project_()
+            elif isinstance(m, ScaleNorm2d):
+                m.bias.zero_()
+                m.bias.requires_grad_(False)
+                m.running_mean.zero_()
 
 
 def prunable_layers(net: nn.Sequential) -> list[tuple[int, nn.Module, nn.BatchNorm2d]]:

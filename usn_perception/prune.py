@@ -35,11 +35,12 @@ from usn_perception.detector import Detector
 from usn_perception.model_io import save_model
 from usn_perception.network import (
     DetectorConfig,
+    apply_constraints,
     count_macs,
     count_parameters,
     layer_widths,
 )
-from usn_perception.readout import soft_argmax
+from usn_perception.readout import read_keypoints
 from usn_perception.train import TensorSet, TrainOptions, augment, keypoint_loss
 from usn_perception.usn import UsnScores, bound_scores, check_network, choose_images, usn_scores
 
@@ -206,6 +207,7 @@ def prune_channels(net: nn.Sequential, selection: Selection) -> nn.Sequential:
             group.prune()
     if net[-1].out_channels != head_out or net[1].in_channels != 1:
         raise RuntimeError('pruning changed the input channel or the heatmap head')
+    apply_constraints(net)
     return net
 
 
@@ -261,8 +263,9 @@ def wasserstein_step(net: nn.Sequential, selection: Selection, eta: float) -> fl
     gradient; a gate that reaches 0 stays there (the step never crosses 0: a proximal step).
     """
     layers = check_network(net)
+    # A frozen shift (ScaleNorm2d's bias, fixed at 0) is not a gate parameter.
     params = [p for idxs, (_, _, bn) in zip(selection, layers, strict=True) if len(idxs)
-              for p in (bn.weight, bn.bias)]
+              for p in (bn.weight, bn.bias) if p.requires_grad]
     if not params:
         return 0.0
     loss = wasserstein_gate_loss(net, selection)
@@ -271,10 +274,12 @@ def wasserstein_step(net: nn.Sequential, selection: Selection, eta: float) -> fl
         for idxs, (_, _, bn) in zip(selection, layers, strict=True):
             if not len(idxs):
                 continue
-            g_w, g_b = next(grads), next(grads)
             gates = channel_gates(bn)
             scale = eta * gates.numel() * float(gates.mean()) ** 2
-            for p, g in ((bn.weight, g_w), (bn.bias, g_b)):
+            for p in (bn.weight, bn.bias):
+                if not p.requires_grad:
+                    continue
+                g = next(grads)
                 new = p - scale * g
                 crossed = (new * p < 0) | ((p == 0) & (g != 0))
                 p.copy_(torch.where(crossed, torch.zeros_like(p), new))
@@ -343,6 +348,7 @@ def fine_tune(
     selection: Selection | None = None,
     progress: bool = False,
     desc: str = 'fine-tune',
+    readout: str = 'soft-argmax',
 ) -> dict:
     """Minimise ``L_task (+ λ·L_W on selection)`` for ``steps`` steps, training augmentation.
 
@@ -357,7 +363,8 @@ def fine_tune(
         schedule.step = 0
     aug = TrainOptions(seed=options.seed)
     lam = options.wasserstein if selection is not None else 0.0
-    optim = torch.optim.AdamW(net.parameters(), lr=options.lr, weight_decay=aug.weight_decay)
+    optim = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=options.lr,
+                              weight_decay=aug.weight_decay)
     n = data.images.shape[0]
     perm = torch.randperm(n, generator=gen)
     pos, task_losses, w_losses = 0, [], []
@@ -370,12 +377,13 @@ def fine_tune(
         pos += options.batch_size
         x = augment(data.images[idx], aug, gen)
         task = keypoint_loss(net(x), data.targets[idx], data.labelled[idx],
-                             aug.heatmap_weight, aug.heatmap_sigma)
+                             aug.heatmap_weight, aug.heatmap_sigma, readout)
         for group in optim.param_groups:
             group['lr'] = schedule.next_lr()
         optim.zero_grad(set_to_none=True)
         task.backward()
         optim.step()
+        apply_constraints(net)
         if lam > 0:
             w_losses.append(wasserstein_step(net, selection, lam / steps))
         task_losses.append(float(task.detach()))
@@ -461,17 +469,19 @@ def prune_network(
             entry['gate_mass_before'] = selected_gate_mass(net, selection)
             entry['regularised'] = fine_tune(net, train, per_phase, options=opts,
                                              schedule=schedule, gen=gen, selection=selection,
-                                             progress=progress, desc=f'round {k} L_W')
+                                             progress=progress, desc=f'round {k} L_W',
+                                             readout=config.readout)
             entry['gate_mass_after'] = selected_gate_mass(net, selection)
             entry['sorted_w1'] = sorted_w1(net, selection)
-        before = _readout(net, probe)
+        before = _readout(net, probe, config.readout)
         prune_channels(net, selection)
-        entry['prune_shift_cells'] = float((_readout(net, probe) - before).norm(dim=-1).mean())
+        shift = (_readout(net, probe, config.readout) - before).norm(dim=-1).mean()
+        entry['prune_shift_cells'] = float(shift)
         last = k == opts.rounds
         if not regularised or last:
             entry['recovery'] = fine_tune(net, train, per_phase, options=opts,
                                           schedule=schedule, gen=gen, progress=progress,
-                                          desc=f'round {k} recover')
+                                          desc=f'round {k} recover', readout=config.readout)
         widths = layer_widths(net)
         entry.update(widths=list(widths), parameters=count_parameters(net),
                      macs=count_macs(net, config.input_size),
@@ -485,10 +495,10 @@ def prune_network(
 
 
 @torch.no_grad()
-def _readout(net: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
-    """Soft-argmax keypoints (heatmap cells) of a probe batch, eval mode."""
+def _readout(net: nn.Sequential, images: torch.Tensor, readout: str) -> torch.Tensor:
+    """Keypoints (heatmap cells) of a probe batch, eval mode."""
     net.eval()
-    return soft_argmax(net(images).double())
+    return read_keypoints(net(images).double(), readout)
 
 
 def _scores(net: nn.Sequential, config: DetectorConfig, train: TensorSet, opts: PruneOptions,

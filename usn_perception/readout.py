@@ -1,5 +1,10 @@
-"""Heatmaps → keypoint coordinates (in heatmap cells), the two readouts that get certified.
+"""Heatmaps → keypoint coordinates (in heatmap cells), the readouts that get certified.
 
+``centroid`` (the default of homogeneous models) is the centre of mass of ``relu(heatmap)``:
+``Σ_i relu(h_i)·c_i / Σ_i relu(h_i)``. It is invariant to scaling the heatmap by any α > 0,
+which is what a homogeneous network does under contrast change, and its certificate needs
+no exponential (see :mod:`usn_perception.bounds.spec`); when no cell is positive it falls
+back to ``argmax``.
 ``soft-argmax`` is the expectation of the cell coordinates under ``softmax`` of all the cells
 of a heatmap (sub-cell precision, differentiable: it is what training optimises).
 ``argmax`` is the cell with the largest logit (first one on ties). Both return coordinates in
@@ -36,8 +41,30 @@ def hard_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
     return torch.stack([idx % w, idx // w], dim=-1).to(heatmaps.dtype)
 
 
+def centroid(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(..., K, H, W) logits → (..., K, 2) centre of mass of ``relu`` (argmax if all ≤ 0)."""
+    h, w = heatmaps.shape[-2:]
+    r = torch.relu(heatmaps.flatten(-2))
+    mass = r.sum(-1, keepdim=True)
+    gu, gv = cell_grid(h, w, heatmaps.dtype)
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    c = torch.stack([(r @ gu.to(r.device)), (r @ gv.to(r.device))], -1) / safe
+    return torch.where(mass > 0, c, hard_argmax(heatmaps))
+
+
+def centroid_train(heatmaps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Differentiable :func:`centroid` for training (``eps`` in the mass, no fallback)."""
+    h, w = heatmaps.shape[-2:]
+    r = torch.relu(heatmaps.flatten(-2))
+    gu, gv = cell_grid(h, w, heatmaps.dtype)
+    return torch.stack([r @ gu.to(r.device), r @ gv.to(r.device)], -1) / (
+        r.sum(-1, keepdim=True) + eps)
+
+
 def read_keypoints(heatmaps: torch.Tensor, readout: str) -> torch.Tensor:
     """Dispatch on the readout name."""
+    if readout == 'centroid':
+        return centroid(heatmaps)
     if readout == 'soft-argmax':
         return soft_argmax(heatmaps)
     if readout == 'argmax':

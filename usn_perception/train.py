@@ -1,9 +1,11 @@
-"""Training the heatmap detector: integral (soft-argmax) regression plus a heatmap-shape term.
+"""Training the heatmap detector: integral regression of the readout plus a heatmap-shape term.
 
-The loss is ``L1(soft-argmax, target) + λ·CE(softmax(heatmap), Gaussian target)`` in heatmap
-cells: the L1 term trains the certified readout directly (sub-cell precision); the
-cross-entropy keeps each heatmap a single sharp peak, which also keeps the argmax readout
-meaningful and the certificates tight. Brightness/contrast augmentation makes the detector
+The loss is ``L1(readout, target) + λ·shape`` in heatmap cells. The L1 term trains the
+certified readout directly (sub-cell precision). The shape term keeps each heatmap a single
+sharp peak: for ``soft-argmax``/``argmax`` models the cross-entropy against a Gaussian, for
+``centroid`` models the squared error against ``(1 + m)·G − m`` (a Gaussian peak lifted
+above a slightly negative floor m), so that ``relu`` leaves only the peak and the centroid is
+not pulled by background cells. Brightness/contrast augmentation makes the detector
 itself robust to the perturbations we later certify. Deterministic for a seed.
 """
 
@@ -24,9 +26,19 @@ from tqdm import tqdm
 from usn_perception.detector import Detector
 from usn_perception.evaluation import accuracy_summary
 from usn_perception.model_io import save_model
-from usn_perception.network import DetectorConfig, build_network
+from usn_perception.network import (
+    DetectorConfig,
+    apply_constraints,
+    build_network,
+    recalibrate_norms,
+)
 from usn_perception.preprocess import PixelMapping, image_to_float, resize_area, to_gray
-from usn_perception.readout import cell_grid, soft_argmax
+from usn_perception.readout import cell_grid, centroid_train, read_keypoints, soft_argmax
+
+#: Negative floor m of the centroid models' heatmap target (see the module docstring).
+CENTROID_FLOOR = 0.1
+#: Logit scale of the auxiliary soft-argmax term of centroid models (peaks are ~1 high).
+CENTROID_SHARPNESS = 10.0
 
 TOLERANCES = (2.0, 3.0, 4.0, 5.0)
 
@@ -46,6 +58,7 @@ class TrainOptions:
     noise_max: float = 0.02
     seed: int = 0
     threads: int | None = None
+    clip_grad: float | None = 5.0
 
 
 @dataclass
@@ -84,18 +97,25 @@ def prepare(
 
 def keypoint_loss(
     heatmaps: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor,
-    heatmap_weight: float, sigma: float,
+    heatmap_weight: float, sigma: float, readout: str = 'soft-argmax',
 ) -> torch.Tensor:
-    """Integral L1 + Gaussian cross-entropy, averaged over labelled keypoints."""
+    """Integral L1 + heatmap-shape term, averaged over labelled keypoints."""
     hh, ww = heatmaps.shape[-2:]
-    coords = soft_argmax(heatmaps)
-    l1 = (coords - targets).abs().sum(-1)
     gu, gv = cell_grid(hh, ww, heatmaps.dtype)
     d2 = (gu - targets[..., :1]) ** 2 + (gv - targets[..., 1:]) ** 2
-    target_p = torch.softmax(-d2 / (2 * sigma**2), dim=-1)
-    logp = torch.log_softmax(heatmaps.flatten(-2), dim=-1)
-    ce = -(target_p * logp).sum(-1)
-    per_kp = l1 + heatmap_weight * ce
+    if readout == 'centroid':
+        # The centroid's own L1, plus soft-argmax's (well conditioned from the first step,
+        # when few cells are positive), plus the shape term.
+        peak = (1.0 + CENTROID_FLOOR) * torch.exp(-d2 / (2 * sigma**2)) - CENTROID_FLOOR
+        shape = (heatmaps.flatten(-2) - peak).pow(2).sum(-1)
+        l1 = ((centroid_train(heatmaps) - targets).abs().sum(-1)
+              + (soft_argmax(CENTROID_SHARPNESS * heatmaps) - targets).abs().sum(-1))
+    else:
+        target_p = torch.softmax(-d2 / (2 * sigma**2), dim=-1)
+        logp = torch.log_softmax(heatmaps.flatten(-2), dim=-1)
+        shape = -(target_p * logp).sum(-1)
+        l1 = (soft_argmax(heatmaps) - targets).abs().sum(-1)
+    per_kp = l1 + heatmap_weight * shape
     mask = labelled.to(per_kp.dtype)
     return (per_kp * mask).sum() / mask.sum().clamp(min=1)
 
@@ -111,12 +131,14 @@ def augment(x: torch.Tensor, opts: TrainOptions, gen: torch.Generator) -> torch.
 
 
 @torch.no_grad()
-def predict_tensors(net: nn.Module, data: TensorSet, batch: int = 64) -> np.ndarray:
+def predict_tensors(net: nn.Module, data: TensorSet, batch: int = 64,
+                    readout: str = 'soft-argmax') -> np.ndarray:
     """(N, K, 2) predictions in image pixels (float32 network, for validation speed)."""
     net.eval()
     out = []
     for i in range(0, len(data.images), batch):
-        out.append(soft_argmax(net(data.images[i:i + batch]).double()).numpy())
+        hm = net(data.images[i:i + batch]).double()
+        out.append(read_keypoints(hm, readout).numpy())
     uv = np.concatenate(out)
     return np.stack([m.to_image(p) for m, p in zip(data.mappings, uv, strict=True)])
 
@@ -144,7 +166,8 @@ def train_detector(
     if len(tr.images) == 0:
         raise ValueError('the training set is empty')
     net = build_network(config)
-    optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    optim = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=opts.lr,
+                              weight_decay=opts.weight_decay)
     steps_per_epoch = math.ceil(len(tr.images) / opts.batch_size)
     total = max(1, opts.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=total,
@@ -161,14 +184,18 @@ def train_detector(
             idx = perm[step * opts.batch_size:(step + 1) * opts.batch_size]
             x = augment(tr.images[idx], opts, gen)
             loss = keypoint_loss(net(x), tr.targets[idx], tr.labelled[idx],
-                                 opts.heatmap_weight, opts.heatmap_sigma)
+                                 opts.heatmap_weight, opts.heatmap_sigma, config.readout)
             optim.zero_grad(set_to_none=True)
             loss.backward()
+            if opts.clip_grad:
+                nn.utils.clip_grad_norm_(net.parameters(), opts.clip_grad)
             optim.step()
+            apply_constraints(net)
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f'{np.mean(losses[-20:]):.3f}')
-        pred = predict_tensors(net, va)
+        recalibrate_norms(net, augment(tr.images[perm[:512]], opts, gen))
+        pred = predict_tensors(net, va, readout=config.readout)
         acc = accuracy_summary(pred, va.image_keypoints, va.labelled.numpy(), TOLERANCES)
         history.append({'epoch': epoch + 1, 'train_loss': float(np.mean(losses)), **acc,
                         'seconds': time.perf_counter() - t0})

@@ -23,6 +23,12 @@ def _cfg_train(p: argparse.ArgumentParser) -> None:
                    help='per-layer widths (9 comma-separated integers)')
     p.add_argument('--input-size', type=size, default=(128, 96), help='network input W,H')
     p.add_argument('--limit', type=int, default=None, help='use only the first N images')
+    p.add_argument('--arch', choices=('homogeneous', 'plain'), default='homogeneous',
+                   help='homogeneous (default): certifiable by construction, see '
+                        'docs/certification.md; plain: biased BatchNorm net')
+    p.add_argument('--readout', choices=('centroid', 'soft-argmax', 'argmax'), default=None,
+                   help='default readout (default: centroid for homogeneous, soft-argmax '
+                        'for plain)')
 
 
 def _train_val_paths(data: Path, val: Path | None) -> tuple[Path, Path]:
@@ -45,7 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_set, val_set = load_coco(train_path), load_coco(val_path)
     if args.limit:
         train_set.samples = train_set.samples[:args.limit]
-    kwargs = {'input_size': args.input_size, 'keypoint_names': tuple(train_set.keypoint_names)}
+    kwargs = {'input_size': args.input_size, 'keypoint_names': tuple(train_set.keypoint_names),
+              'arch': args.arch}
+    if args.arch == 'plain':
+        kwargs.update(norm_mean=0.5, readout='soft-argmax')
+    if args.readout:
+        kwargs['readout'] = args.readout
     if args.widths:
         kwargs['widths'] = tuple(int(w) for w in args.widths)
     try:
