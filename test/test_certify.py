@@ -38,6 +38,7 @@ F64 = torch.float64
 
 NODE_BOX = PhotometricBox((0.95, 1.05), (-0.03, 0.03))
 OFFLINE_BOX = PhotometricBox((0.8, 1.2), (-0.1, 0.1))
+READOUTS = ['centroid', 'soft-argmax', 'argmax']
 OFF_IDENTITY = PhotometricBox((1.1, 1.35), (0.04, 0.12))
 DARKENING = PhotometricBox((0.55, 0.8), (-0.25, -0.1))  # clips most dark pixels at 0
 
@@ -79,13 +80,19 @@ def shallow_detector(seed: int, *, pool: bool = False, k: int = 3,
     return Detector(net.eval(), config)
 
 
-def deep_detector(seed: int, widths: tuple[int, ...], size=(32, 24)) -> Detector:
-    """The production architecture with random weights and batch-norm statistics."""
+def deep_detector(seed: int, widths: tuple[int, ...], size=(32, 24),
+                  arch: str = 'homogeneous') -> Detector:
+    """The production layer chain with random weights and norm statistics (shifts included)."""
     torch.manual_seed(seed)
-    config = DetectorConfig(input_size=size, widths=widths, keypoint_names=_names(3))
+    config = DetectorConfig(input_size=size, widths=widths, keypoint_names=_names(3), arch=arch,
+                            norm_mean=0.5 if arch == 'plain' else 0.0)
     net = build_network(config).double()
     _randomise_bn(net, torch.Generator().manual_seed(seed))
-    return Detector(net.eval(), config)
+    net.eval()
+    with torch.no_grad():  # logits of order 1, as in a trained detector
+        x = torch.rand(1, 1, size[1], size[0], dtype=F64)
+        net[-1].weight.mul_(1.0 / float(net(x).abs().max()))
+    return Detector(net, config)
 
 
 def make_image(kind: str, seed: int = 0) -> np.ndarray:
@@ -142,7 +149,7 @@ SHALLOW_CASES = [(seed, pool) for seed in (0, 1, 2) for pool in (False, True)]
 
 @pytest.mark.parametrize('seed, pool', SHALLOW_CASES)
 @pytest.mark.parametrize('kind', ['blobs', 'dark', 'saturated', 'rgb'])
-@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+@pytest.mark.parametrize('readout', READOUTS)
 def test_shallow_networks_have_no_escapes(seed, pool, kind, readout):
     det = shallow_detector(seed, pool=pool)
     image = make_image(kind, seed)
@@ -164,14 +171,14 @@ def test_shallow_certificates_are_not_trivial():
     assert float(np.median(np.concatenate(widths))) < 0.5 * image.shape[1]
 
 
-@pytest.mark.parametrize('seed, widths, size', [
-    (0, (4, 6, 6, 8, 8, 8, 8, 6, 6), (32, 24)),
-    (1, (8,) * 9, (32, 24)),
-    (2, (3, 4, 4, 4, 4, 4, 4, 4, 4), (64, 48)),
+@pytest.mark.parametrize('seed, widths, size, arch', [
+    (0, (4, 6, 6, 8, 8, 8, 8, 6, 6), (32, 24), 'homogeneous'),
+    (1, (8,) * 9, (32, 24), 'plain'),
+    (2, (3, 4, 4, 4, 4, 4, 4, 4, 4), (64, 48), 'homogeneous'),
 ])
-@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
-def test_deep_random_networks_have_no_escapes(seed, widths, size, readout):
-    det = deep_detector(seed, widths, size)
+@pytest.mark.parametrize('readout', READOUTS)
+def test_deep_random_networks_have_no_escapes(seed, widths, size, arch, readout):
+    det = deep_detector(seed, widths, size, arch)
     for kind, box in [('random', NODE_BOX.scaled(0.002)), ('dark', DARKENING.scaled(0.01)),
                       ('rgb', NODE_BOX)]:
         image = make_image(kind, seed)
@@ -179,7 +186,7 @@ def test_deep_random_networks_have_no_escapes(seed, widths, size, readout):
         assert_sound(det, image, box, cert, readout, grid=5)
 
 
-@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+@pytest.mark.parametrize('readout', READOUTS)
 @pytest.mark.parametrize('theta', [(1.0, 0.0), (0.62, -0.21), (1.37, 0.18), (1.0, -0.5)])
 def test_point_boxes_contain_predict_at_that_theta(readout, theta):
     box = PhotometricBox.point(*theta)
@@ -218,7 +225,7 @@ def _target_image() -> np.ndarray:
 
 
 @pytest.mark.skipif(not TRAINED.is_file(), reason='no trained model at models/default')
-@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+@pytest.mark.parametrize('readout', READOUTS)
 def test_trained_detector_has_no_escapes(readout):
     det = load_detector(TRAINED)
     img = _target_image()
@@ -231,7 +238,7 @@ def test_trained_detector_has_no_escapes(readout):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TRAINED.is_file(), reason='no trained model at models/default')
-@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+@pytest.mark.parametrize('readout', READOUTS)
 def test_trained_detector_attack_node_box(readout):
     det = load_detector(TRAINED)
     img = _target_image()
@@ -239,9 +246,77 @@ def test_trained_detector_attack_node_box(readout):
     assert_sound(det, img, NODE_BOX, cert, readout, grid=4)
 
 
+def homogeneous_detector(seed: int) -> Detector:
+    """The homogeneous architecture untouched (zero shifts), logits scaled to O(1)."""
+    torch.manual_seed(seed)
+    config = DetectorConfig(input_size=(32, 24), widths=(6, 8, 8, 8, 8, 8, 8, 6, 6),
+                            keypoint_names=_names(3))
+    net = build_network(config).double().eval()
+    with torch.no_grad():
+        x = torch.rand(1, 1, 24, 32, dtype=F64) * 0.3 + 0.3
+        net[-1].weight.mul_(1.0 / float(net(x).abs().max()))
+    return Detector(net, config)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_homogeneous_centroid_certificate_is_exact_without_clipping(seed):
+    """Certifiable by construction: no pixel clips, so the centroid provably does not move."""
+    det = homogeneous_detector(seed)
+    rng = np.random.default_rng(seed)
+    image = 0.3 + 0.3 * rng.random((30, 40))  # α·x + β stays inside (0, 1) on OFFLINE_BOX
+    cert = certify_keypoints(det, image, OFFLINE_BOX, budget=Budget(1))
+    assert float(cert.widths.max()) < 1e-4
+    assert cert.contains(cert.nominal).all()
+    assert cert.stats['subboxes'] == 1
+    assert_sound(det, image, OFFLINE_BOX, cert, 'centroid', grid=5, attack=False)
+    # The same image with saturated pixels: still sound, now necessarily wider than a point.
+    bright = np.clip(image + 0.35 * (rng.random(image.shape) > 0.7), 0, 1)
+    cert = certify_keypoints(det, bright, OFFLINE_BOX, budget=Budget(8))
+    assert_sound(det, bright, OFFLINE_BOX, cert, 'centroid', grid=5)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize('readout', READOUTS)
+def test_clip_generators_are_sound_and_never_wider_per_subbox(seed, readout):
+    """Clipped values as symbols of their own: no escapes on images where the clip bites."""
+    for det in (shallow_detector(seed), homogeneous_detector(seed)):
+        for kind, box in [('dark', DARKENING), ('saturated', OFFLINE_BOX), ('rgb', NODE_BOX)]:
+            image = make_image(kind, seed)
+            with_gen = certify_keypoints(det, image, box, readout=readout, budget=Budget(1),
+                                         generators=8)
+            assert_sound(det, image, box, with_gen, readout, grid=5)
+            plain = certify_keypoints(det, image, box, readout=readout, budget=Budget(1))
+            assert with_gen.widths.mean() <= plain.widths.mean() + 1e-6
+
+
+def test_black_pixels_are_cut_at_beta_zero():
+    """Splitting puts its first cut at β = 0, where black pixels (max(β, 0)) have their kink."""
+    from usn_perception.bounds.box import split_boxes
+    from usn_perception.bounds.split import split_dims, split_points
+
+    boxes = torch.tensor([[0.8, 1.2, -0.1, 0.05], [0.8, 1.2, 0.01, 0.1]], dtype=F64)
+    children = split_boxes(boxes, split_dims(boxes, 0.5), split_points(boxes))
+    assert children[0].tolist() == [0.8, 1.2, -0.1, 0.0]
+    assert children[1].tolist() == [0.8, 1.2, 0.0, 0.05]
+    assert children[2].tolist() == [0.8, 1.0, 0.01, 0.1]  # α bisected as before
+    det = homogeneous_detector(0)
+    rng = np.random.default_rng(0)
+    image = 0.3 + 0.3 * rng.random((30, 40))
+    image[:, :8] = 0.0  # a black band: exact on each side of β = 0, loose across it
+    box = PhotometricBox((0.9, 1.1), (-0.05, 0.05))
+    three = certify_keypoints(det, image, box, readout='centroid', budget=Budget(3))
+    assert_sound(det, image, box, three, 'centroid', grid=5)
+    # Above the cut black pixels read β, so the image stays α·x + β and the bound is exact.
+    # (Below it they read 0 while the rest keeps its β: the band's edge sees β, ReLUs there
+    # may flip, and the bound is loose: docs/certification.md, "Limits found".)
+    upper = PhotometricBox((0.9, 1.1), (0.0, 0.05))
+    exact = certify_keypoints(det, image, upper, readout='centroid', budget=Budget(1))
+    assert float(exact.widths.max()) < 1e-4
+
+
 # --- relations between methods and budgets ---------------------------------------------------
 
-@pytest.mark.parametrize('readout', ['soft-argmax', 'argmax'])
+@pytest.mark.parametrize('readout', READOUTS)
 def test_forward_is_never_wider_than_ibp(readout):
     fwd, ibp = [], []
     for seed in (0, 1, 2):
@@ -314,7 +389,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match='method'):
         certify_keypoints(det, image, NODE_BOX, method='magic')
     with pytest.raises(ValueError, match='readout'):
-        certify_keypoints(det, image, NODE_BOX, readout='centroid')
+        certify_keypoints(det, image, NODE_BOX, readout='median')
     with pytest.raises(ValueError, match='budget'):
         certify_keypoints(det, image, NODE_BOX, budget=5)
     with pytest.raises(ValueError, match='max_width_px'):

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from usn_perception.bounds.box import Budget, PhotometricBox, box_centres
-from usn_perception.bounds.forms import form_at
+from usn_perception.bounds.forms import collapse_generators, form_at
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
-from usn_perception.bounds.spec import argmax_bounds, soft_argmax_bounds
+from usn_perception.bounds.spec import argmax_bounds, centroid_bounds, soft_argmax_bounds
 from usn_perception.bounds.split import RefineResult, refine
 from usn_perception.errors import UnsupportedLayerError
 from usn_perception.network import READOUTS
-from usn_perception.readout import cell_grid, hard_argmax, soft_argmax
+from usn_perception.readout import cell_grid, read_keypoints
 
 __all__ = [
     'Budget', 'CertStatus', 'KeypointCertificate', 'METHODS', 'NODE_BUDGET', 'OFFLINE_BUDGET',
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 METHODS = ('forward', 'ibp')
+#: Clipped input values that keep a symbol of their own (see ``ImageEncoding.forms``).
+GENERATORS = 0
 #: Per-frame budget for the ROS node: a fixed amount of work, so replays are deterministic.
 NODE_BUDGET = Budget(max_subboxes=3)
 #: Offline (reports, evaluation): tight boxes at a few seconds per image.
@@ -98,7 +100,8 @@ class _Evaluator:
     """
 
     def __init__(self, net: CompiledNetwork, enc: ImageEncoding, method: str, readout: str,
-                 heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool) -> None:
+                 heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool,
+                 generators: int = 0) -> None:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
         self.relu = 'interval' if method == 'ibp' else relu
         self.grid = tuple(g.to(enc.device) for g in cell_grid(*heatmap_hw))
@@ -106,21 +109,21 @@ class _Evaluator:
         self.chunk = chunk
         self.ibp_root = ibp_root and method != 'ibp'
         self.unstable = 0
+        self.generators = generators
 
     def _bound(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
         if relu == 'interval':
             c, r = self.enc.intervals(part)
         else:
-            c, r = self.enc.forms(part)
+            c, r = self.enc.forms(part, self.generators)
         c, r, unstable = propagate(self.net, c, r, part, relu=relu, deadline=deadline)
         self.unstable += int(unstable.sum())
-        c, r = c.flatten(3), r.flatten(3)
-        if self.readout == 'soft-argmax':
-            bounds = soft_argmax_bounds(c, r, part, self.grid)
-        else:
-            bounds = argmax_bounds(c, r, part, self.grid)
+        c, r = collapse_generators(c.flatten(3), r.flatten(3))
+        bound_readout = {'centroid': centroid_bounds, 'soft-argmax': soft_argmax_bounds,
+                         'argmax': argmax_bounds}[self.readout]
+        bounds = bound_readout(c, r, part, self.grid)
         logits = form_at(c, box_centres(part)).view(part.shape[0], -1, *self.heatmap_hw)
-        est = (soft_argmax if self.readout == 'soft-argmax' else hard_argmax)(logits)
+        est = read_keypoints(logits, self.readout)
         return bounds, est
 
     def __call__(self, boxes: torch.Tensor, deadline: float | None) -> tuple:
@@ -140,14 +143,14 @@ class _Evaluator:
         return bounds, torch.cat(est)
 
 
-def _chunk_size(net: CompiledNetwork) -> int:
+def _chunk_size(net: CompiledNetwork, generators: int = 0) -> int:
     """Sub-boxes per batch: about 0.2 M form elements per layer call.
 
     Float64 convolutions on the CPU get slower *per image* as the batch grows past a few
     images (measured: one sub-box per call is fastest for the default 128x96 network), while
     small networks gain from batching because per-call overhead dominates.
     """
-    return int(max(1, min(32, 200_000 // (3 * net.max_numel))))
+    return int(max(1, min(32, 200_000 // ((3 + generators) * net.max_numel))))
 
 
 def certify_keypoints(
@@ -160,6 +163,7 @@ def certify_keypoints(
     budget: Budget | None = None,
     max_width_px: float | None = None,
     relu: str = 'parallel',
+    generators: int = GENERATORS,
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -167,7 +171,10 @@ def certify_keypoints(
     ``relu``: the forward-mode ReLU relaxation, 'parallel' (default: a θ-independent radius,
     cheapest) or 'adaptive' (CROWN's λ ∈ {0, 1}: often tighter per sub-box, ~1.4x the time).
     ``budget`` defaults to :data:`OFFLINE_BUDGET`. ``max_width_px`` marks keypoints whose box
-    is wider than that (on either axis) NOT_CERTIFIED; the box is still reported. Raises
+    is wider than that (on either axis) NOT_CERTIFIED; the box is still reported.
+    ``generators``: clipped input values that keep their own symbol instead of joining the
+    radius (0 = off, the default: measured to cost ~5x the time for little gain when the
+    clip ambiguity is what makes ReLUs unstable; see docs/certification.md). Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.
@@ -184,6 +191,8 @@ def certify_keypoints(
     budget = OFFLINE_BUDGET if budget is None else budget
     if not isinstance(budget, Budget):
         raise ValueError(f'budget must be a Budget, got {budget!r}')
+    if not (isinstance(generators, int) and generators >= 0):
+        raise ValueError(f'generators must be a non-negative integer, got {generators!r}')
     if max_width_px is not None and not max_width_px > 0:
         raise ValueError(f'max_width_px must be positive, got {max_width_px}')
     deadline = None if budget.max_ms is None else t0 + budget.max_ms / 1000.0
@@ -195,8 +204,8 @@ def certify_keypoints(
     if net.output_shape != (k, h_h, w_h):
         raise UnsupportedLayerError(
             f'network output {net.output_shape} is not {k} heatmaps of {h_h}x{w_h}')
-    evaluate = _Evaluator(net, enc, method, readout, (h_h, w_h), relu, _chunk_size(net),
-                          ibp_root=True)
+    evaluate = _Evaluator(net, enc, method, readout, (h_h, w_h), relu,
+                          _chunk_size(net, generators), ibp_root=True, generators=generators)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
              'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms}}
     try:

@@ -142,15 +142,20 @@ def box_centres(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
 
 
-def split_boxes(boxes: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
-    """Bisect each sub-box along ``dims`` (0 = α, 1 = β); children of box i are 2i, 2i + 1.
+def split_boxes(boxes: torch.Tensor, dims: torch.Tensor,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+    """Split each sub-box along ``dims`` (0 = α, 1 = β); children of box i are 2i, 2i + 1.
 
-    Both children use the same computed midpoint, so their union is exactly the parent.
+    The cut is the midpoint, or ``at`` where that is finite and strictly inside. Both children
+    use the same computed cut, so their union is exactly the parent.
     """
     lo_col = 2 * dims
     hi_col = lo_col + 1
     rows = torch.arange(boxes.shape[0], device=boxes.device)
-    mid = 0.5 * (boxes[rows, lo_col] + boxes[rows, hi_col])
+    lo, hi = boxes[rows, lo_col], boxes[rows, hi_col]
+    mid = 0.5 * (lo + hi)
+    if at is not None:
+        mid = torch.where(torch.isfinite(at) & (at > lo) & (at < hi), at, mid)
     first = boxes.clone()
     second = boxes.clone()
     first[rows, hi_col] = mid

@@ -18,7 +18,7 @@ from usn_perception.bounds.box import PhotometricBox
 from usn_perception.bounds.forms import form_range, lower, upper
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import AffineOp, LinearOp, compile_network
-from usn_perception.bounds.propagate import _affine, _linear, _relu_forms
+from usn_perception.bounds.propagate import _affine, _linear, relu_forms
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def layer_bounds(detector, image: np.ndarray, box: PhotometricBox, *,
             up = form_range(upper(centre, radius), boxes)[1]
             mask = (lo < 0) & (up > 0)
             per_channel = mask[0].flatten(1).sum(1).cpu().numpy() if mask.ndim > 2 else None
-            centre, radius, count = _relu_forms(centre, radius, boxes, relu)
+            centre, radius, count = relu_forms(centre, radius, boxes, relu)
             n_unstable = int(count.sum())
             kind = 'relu'
         c_lo, c_hi = form_range(centre, boxes)

@@ -1,7 +1,11 @@
 """Affine forms in θ and their exact extremes over sub-boxes.
 
 A *form* tensor has shape ``(N, k, *shape)`` for ``N`` sub-boxes: with ``k = 3`` its slices are
-``c0, cα, cβ`` of ``c0 + cα·α + cβ·β``; with ``k = 1`` it is a constant (``c0`` only). The
+``c0, cα, cβ`` of ``c0 + cα·α + cβ·β``; with ``k = 1`` it is a constant (``c0`` only). With
+``k > 3`` the extra slices are *generators*: coefficients of independent symbols ε_g ∈ [−1, 1]
+(one per clipped input value, see :mod:`usn_perception.bounds.inputs`), so the form stands
+for the set ``c0 + cα·α + cβ·β + Σ_g c_g·ε_g``. Linear layers move generators with their
+signed weights, which keeps the cancellations that a radius (moved by |W|) loses. The
 engine keeps a neuron as a centre form C and a radius form R, meaning the lower and upper
 affine bounds ``C − R`` and ``C + R`` (see :mod:`usn_perception.bounds.propagate`).
 """
@@ -33,7 +37,20 @@ def form_range(form: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, t
     ac, ar, bc, br = _box_view(boxes, form.ndim - 1)
     mid = form[:, 0] + form[:, 1] * ac + form[:, 2] * bc
     rad = form[:, 1].abs() * ar + form[:, 2].abs() * br
+    if form.shape[1] > 3:
+        rad = rad + form[:, 3:].abs().sum(1)
     return mid - rad, mid + rad
+
+
+def collapse_generators(centre: torch.Tensor,
+                        radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold generators into the radius: (C, R) with C of k = 3 (for θ-only consumers)."""
+    if centre.shape[1] <= 3:
+        return centre, radius
+    extra = centre[:, 3:].abs().sum(1)
+    radius = radius.clone()
+    radius[:, 0] += extra
+    return centre[:, :3].contiguous(), radius
 
 
 def form_min(form: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,15 @@ class ImageEncoding:
         out = self._gather(table)
         return out[:n, None], out[n:, None]
 
-    def forms(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward-mode input: centre form (N, 3, 1, H, W) and constant radius (N, 1, 1, H, W)."""
+    def forms(self, boxes: torch.Tensor,
+              generators: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward-mode input: centre form (N, 3 + G, 1, H, W), constant radius (N, 1, 1, H, W).
+
+        With ``generators`` > 0 the clip relaxation's half-width of the (up to) that many
+        clipped values that weigh most (half-width × total resize weight) becomes a generator
+        of its own instead of radius: every pixel of that value shares one symbol, so the
+        network sees the same unknown deviation for all of them (a zonotope over values).
+        """
         z_lo, z_hi = self._z_range(boxes)
         v = self.values[None, :].expand_as(z_lo)
         zero = torch.zeros_like(z_lo)
@@ -143,7 +150,18 @@ class ImageEncoding:
         c0 = torch.where(one, torch.ones_like(c0), torch.where(dead, zero, c0))
         rad = torch.where(sat, zero, rad)
         n = boxes.shape[0]
-        table = torch.cat([c0, slope * v, slope, rad], 0).T.contiguous()
-        out = self._gather(table).view(4, n, *self.shape)
-        centre = out[:3].transpose(0, 1).contiguous()
-        return centre, out[3][:, None].contiguous()
+        g = min(int(generators), int((rad > 0).sum(1).max())) if generators > 0 else 0
+        gens = []
+        if g > 0:
+            weight = torch.zeros_like(self.values).index_add_(
+                0, self.index.reshape(-1), self.weights.reshape(-1))
+            pick = (rad * weight[None]).topk(g, dim=1).indices  # (N, G)
+            onehot = torch.zeros(n, g, rad.shape[1], dtype=rad.dtype, device=rad.device)
+            onehot.scatter_(2, pick[:, :, None], 1.0)
+            gens = (onehot * rad[:, None]).permute(1, 0, 2).reshape(g * n, -1)
+            rad = rad * (1.0 - onehot.sum(1))
+            gens = [gens]
+        table = torch.cat([c0, slope * v, slope, *gens, rad], 0).T.contiguous()
+        out = self._gather(table).view(4 + g, n, *self.shape)
+        centre = out[:3 + g].transpose(0, 1).contiguous()
+        return centre, out[3 + g][:, None].contiguous()

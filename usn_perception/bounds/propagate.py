@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from usn_perception.bounds.forms import form_range, lower, upper
+from usn_perception.bounds.forms import collapse_generators, form_range, lower, upper
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 
 RELU_MODES = ('parallel', 'adaptive', 'interval')
@@ -48,8 +48,8 @@ def _relu_interval(centre: torch.Tensor, radius: torch.Tensor) -> tuple:
     return 0.5 * (lo + hi), 0.5 * (hi - lo)
 
 
-def _relu_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
-                mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def relu_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+               mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relax ReLU on each sub-box from the concrete pre-activation range [lo, up]."""
     if radius.shape[1] == 1:
         cmin, cmax = form_range(centre, boxes)
@@ -72,6 +72,8 @@ def _relu_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
         r[:, 0] += offset
         return c, r, n_unstable
     # Adaptive: upper s·(U − lo), lower λ·L with λ = 1 when up >= −lo else 0 (CROWN's choice).
+    # Its radius becomes a θ-form, which has no room for generators: fold them in first.
+    centre, radius = collapse_generators(centre, radius)
     lam = torch.where(unstable, (up >= -lo).to(up.dtype), s)
     hi_form = upper(centre, radius) * s[:, None]
     hi_form[:, 0] -= torch.where(unstable, s * lo, torch.zeros_like(lo))
@@ -101,6 +103,6 @@ def propagate(net: CompiledNetwork, centre: torch.Tensor, radius: torch.Tensor,
             unstable += ((centre - radius < 0) & (centre + radius > 0)).flatten(1).sum(1)
             centre, radius = _relu_interval(centre, radius)
         else:
-            centre, radius, n = _relu_forms(centre, radius, boxes, relu)
+            centre, radius, n = relu_forms(centre, radius, boxes, relu)
             unstable += n
     return centre, radius, unstable

@@ -1,4 +1,4 @@
-"""From heatmap-logit forms to bounds on the keypoint readouts (soft-argmax and argmax).
+"""From heatmap-logit forms to bounds on the keypoint readouts (centroid, soft-argmax, argmax).
 
 Everything works on logit *differences* d_i = h_i − h_m against a reference cell m, formed as
 forms before concretising, so that variation common to all cells (which softmax and argmax
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
+from usn_perception.bounds.propagate import relu_forms
 
 #: Relative slack on logit differences: rounding of float64 sums is ~1e-13 relative here.
 LOGIT_SLACK = 1e-7
@@ -176,8 +177,23 @@ def coupled_max(dc: torch.Tensor, dr: torch.Tensor, boxes: torch.Tensor,
     lo_all = merged(lo_c, rest_lo)
     err_up = merged(up_err + up_c.abs(), 2.0 * rest_up)
     err_lo = merged(lo_err + lo_c.abs(), 2.0 * rest_lo)
+    return _smallest_threshold(up_all, lo_all, err_up, err_lo, c, values, n)
+
+
+def _smallest_threshold(up_all: torch.Tensor, lo_all: torch.Tensor, err_up: torch.Tensor,
+                        err_lo: torch.Tensor, c: torch.Tensor, values: torch.Tensor,
+                        n: int) -> torch.Tensor:
+    """Smallest t with ``Σ_i w_i(θ)·(c_i − t) ≤ 0`` for all θ of each sub-box: (N, K).
+
+    Entries are ordered by coordinate ``c`` (descending, (N, K, m)); ``up_all``/``lo_all``
+    (N, 4, K, m) are each weight's upper/lower affine bound at the sub-box's four corners
+    (with one configuration of upper and lower bounds fixed the sum is affine in θ, so the
+    corners decide), ``err_up``/``err_lo`` the magnitudes that bound their float64 error.
+    Configuration k (the first k entries on their upper bound) is exact for t in
+    [c[k], c[k − 1]]; one prefix scan tries every k.
+    """
     c4 = c[:, None]
-    p0 = _prefix_configs(up_all, lo_all)  # (N, 4 corners, K, m + g + 1)
+    p0 = _prefix_configs(up_all, lo_all)  # (N, 4 corners, K, m + 1)
     p1 = _prefix_configs(up_all * c4, lo_all * c4)
     err = _prefix_configs(err_up, err_lo)
     cmin, cmax = float(values[0]), float(values[-1])
@@ -185,8 +201,6 @@ def coupled_max(dc: torch.Tensor, dr: torch.Tensor, boxes: torch.Tensor,
     # Feasible iff p1 − t·p0 + margin <= 0 at every corner. The margin bounds the float64
     # error of the computed sum and the exponentials that underflowed to zero.
     p1 = p1 + 2.0 * max(abs(cmin), abs(cmax)) * eps * err + UNDERFLOW
-    # Configuration k (the first k entries on their upper bound) is valid for t in
-    # [c[k], c[k - 1]].
     inf = torch.full_like(c[..., :1], torch.inf)
     t_lo = torch.cat([c, -inf], -1).clamp(min=cmin)
     t_hi = torch.cat([inf, c], -1).clamp(max=cmax)
@@ -232,6 +246,53 @@ def soft_argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.
     return torch.stack([lo_u, hi_u, lo_v, hi_v], -1)
 
 
+def centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                    grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(N, K, 4) box in heatmap cells bounding the ``centroid`` readout per sub-box.
+
+    The weights r_i = relu(h_i) get affine bounds in θ from the ReLU relaxation of the logit
+    forms (slack included), and ``centroid ≤ t`` for all θ iff ``Σ_i r_i(θ)·(c_i − t) ≤ 0``
+    (when the mass Σ r_i is positive): the same threshold scan as the coupled soft-argmax
+    bound, with no exponential to relax. For a homogeneous network without clipping the
+    forms are exact and so is the bound. Where the mass may vanish the readout may fall back
+    to argmax, so the argmax box is joined in.
+    """
+    mag = logit_slack(centre, radius, boxes)
+    radius = radius.clone()
+    # The centroid is invariant to the heatmap's scale, so the rounding slack is relative to
+    # the largest logit magnitude of the heatmap rather than to 1 (as for differences).
+    radius[:, 0] += LOGIT_SLACK * (mag + mag.amax(-1, keepdim=True))
+    rc, rr, _ = relu_forms(centre, radius, boxes, 'parallel')
+    up_form, lo_form = upper(rc, rr), lower(rc, rr)
+    up_c = form_corners(up_form, boxes)  # (N, 4, K, n)
+    lo_c = form_corners(lo_form, boxes)
+    up_err = _abs_corners(up_form, boxes) + up_c.abs()
+    lo_err = _abs_corners(lo_form, boxes) + lo_c.abs()
+    n = up_c.shape[-1]
+    eps = 2.0 ** -52 * (n + 16)
+    mass = lo_c.sum(-1) - 2.0 * eps * lo_err.sum(-1)
+    may_vanish = (mass <= 0).any(1)  # (N, K)
+    out = []
+    for coords in grid:
+        for sign in (-1.0, 1.0):
+            values, index = _groups(coords * sign)
+            g = values.shape[0]
+            # Group per coordinate value, in descending coordinate order.
+            grouped = [_group_sum(t, index, g).flip(-1) for t in (up_c, lo_c, up_err, lo_err)]
+            c = values.flip(0).expand(up_c.shape[0], up_c.shape[2], g)
+            best = _smallest_threshold(*grouped, c, values, n)
+            out.append(sign * (best + COORD_SLACK))
+    bounds = torch.stack(out, -1)
+    if bool(may_vanish.any()):
+        fallback = argmax_bounds(centre, radius, boxes, grid)
+        joined = torch.stack([torch.minimum(bounds[..., 0], fallback[..., 0]),
+                              torch.maximum(bounds[..., 1], fallback[..., 1]),
+                              torch.minimum(bounds[..., 2], fallback[..., 2]),
+                              torch.maximum(bounds[..., 3], fallback[..., 3])], -1)
+        bounds = torch.where(may_vanish[..., None], joined, bounds)
+    return bounds
+
+
 def argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
                   grid: tuple[torch.Tensor, torch.Tensor], *, witnesses: int = 4) -> torch.Tensor:
     """(N, K, 4) box in heatmap cells holding every cell that may be the argmax per sub-box."""
@@ -240,11 +301,13 @@ def argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tenso
     cand = torch.cat([reference_cells(centre, boxes)[..., None],
                       form_at(lower(centre, radius), theta).topk(k, -1).indices], -1)
     mag = logit_slack(centre, radius, boxes)
+    scale = mag.amax(-1, keepdim=True)
     possible = torch.ones_like(mag, dtype=torch.bool)
     for w in range(cand.shape[-1]):
         j = cand[..., w]
         gap = lower(_gather_cells(centre, j) - centre, _gather_cells(radius, j) + radius)
-        slack = LOGIT_SLACK * (1.0 + mag + mag.gather(2, j[:, :, None]))
+        # Argmax ignores the heatmap's scale: the slack is relative to its largest logit.
+        slack = LOGIT_SLACK * (scale + mag + mag.gather(2, j[:, :, None]))
         possible &= ~(form_range(gap, boxes)[0] > slack)
     gu, gv = grid
     inf = torch.tensor(torch.inf, dtype=gu.dtype, device=gu.device)

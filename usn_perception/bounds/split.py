@@ -40,10 +40,29 @@ class RefineResult:
 
 
 def split_dims(boxes: torch.Tensor, intensity: float) -> torch.Tensor:
-    """Bisect α when its effect on pixels (width × mean intensity) beats β's width."""
+    """Bisect α when its effect on pixels (width × mean intensity) beats β's width.
+
+    A box whose β range straddles 0 is always cut along β (at 0, see :func:`split_points`).
+    """
     wa = (boxes[:, 1] - boxes[:, 0]) * max(intensity, 1e-3)
     wb = boxes[:, 3] - boxes[:, 2]
-    return (wb > wa).long()
+    return ((wb > wa) | straddles_zero(boxes)).long()
+
+
+def straddles_zero(boxes: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: β_lo < 0 < β_hi."""
+    return (boxes[:, 2] < 0) & (boxes[:, 3] > 0)
+
+
+def split_points(boxes: torch.Tensor) -> torch.Tensor:
+    """Where to cut: β = 0 on boxes that straddle it, else the midpoint (NaN).
+
+    Black pixels (x = 0) become ``max(β, 0)``: linear on each side of β = 0 and a kink across
+    it, so one cut there makes all of them exact, which for a homogeneous network is often
+    the difference between a loose and an exact certificate.
+    """
+    nan = torch.full_like(boxes[:, 0], float('nan'))
+    return torch.where(straddles_zero(boxes), torch.zeros_like(nan), nan)
 
 
 def _scores(bounds: torch.Tensor, est_lo: torch.Tensor, est_hi: torch.Tensor,
@@ -83,7 +102,8 @@ def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity
             stopped = 'converged'
             break
         chosen = score.topk(n_split).indices
-        children = split_boxes(boxes[chosen], split_dims(boxes[chosen], intensity))
+        parents = boxes[chosen]
+        children = split_boxes(parents, split_dims(parents, intensity), split_points(parents))
         t1 = time.perf_counter()
         try:
             child_bounds, child_est = evaluate(children, deadline)
