@@ -72,8 +72,10 @@ def draw_keypoints(
     if text:
         for i, line in enumerate(text.splitlines()):
             org = (6, 16 + 16 * i)
-            cv2.putText(canvas, line, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3,
-                        cv2.LINE_AA)
+            # White on a dark band: a thick black outline under thin text smears small glyphs.
+            (tw, th), base = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+            cv2.rectangle(canvas, (org[0] - 3, org[1] - th - 3), (org[0] + tw + 3, org[1] + base),
+                          (0, 0, 0), -1)
             cv2.putText(canvas, line, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, WHITE, 1, cv2.LINE_AA)
     return canvas
 
