@@ -83,3 +83,11 @@ def test_negative_number_lists_are_values():
         'certify', '--beta=-0.1,0.1', '--alpha', '0.8,1.2']
     assert join_negative_lists(['--beta', '-1e-2,2']) == ['--beta=-1e-2,2']
     assert join_negative_lists(['--quiet', '--out', 'x']) == ['--quiet', '--out', 'x']
+
+
+def test_cli_choices_match_the_network():
+    """The CLI spells the readouts and architectures out (fast --help); they must agree."""
+    from usn_perception.cli.registry import ARCH_CHOICES, READOUT_CHOICES
+    from usn_perception.network import ARCHS, READOUTS
+
+    assert READOUT_CHOICES == READOUTS and ARCH_CHOICES == ARCHS

@@ -100,8 +100,7 @@ class DetectorConfig:
         kwargs = {k: d[k] for k in known if k in d}
         # Files written before ``arch`` existed hold the plain network and its defaults.
         if 'arch' not in kwargs:
-            kwargs.update(arch='plain', norm_mean=kwargs.get('norm_mean', 0.5),
-                          readout=kwargs.get('readout', 'soft-argmax'))
+            kwargs = {'arch': 'plain', **PLAIN_DEFAULTS, **kwargs}
         kwargs['input_size'] = tuple(int(v) for v in kwargs['input_size'])
         kwargs['widths'] = tuple(int(v) for v in kwargs['widths'])
         kwargs['keypoint_names'] = tuple(str(v) for v in kwargs['keypoint_names'])
@@ -121,6 +120,8 @@ class DetectorConfig:
 
 READOUTS = ('centroid', 'soft-argmax', 'argmax')
 ARCHS = ('homogeneous', 'plain')
+#: What differs from the defaults for the plain architecture (and old files without ``arch``).
+PLAIN_DEFAULTS = {'norm_mean': 0.5, 'readout': 'soft-argmax'}
 
 
 class InputNormalization(nn.Module):

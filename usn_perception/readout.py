@@ -41,24 +41,26 @@ def hard_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
     return torch.stack([idx % w, idx // w], dim=-1).to(heatmaps.dtype)
 
 
-def centroid(heatmaps: torch.Tensor) -> torch.Tensor:
-    """(..., K, H, W) logits → (..., K, 2) centre of mass of ``relu`` (argmax if all ≤ 0)."""
+def _relu_moments(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ relu(h)·(u, v) as (..., K, 2), Σ relu(h) as (..., K, 1)) over each heatmap."""
     h, w = heatmaps.shape[-2:]
     r = torch.relu(heatmaps.flatten(-2))
-    mass = r.sum(-1, keepdim=True)
     gu, gv = cell_grid(h, w, heatmaps.dtype)
+    first = torch.stack([r @ gu.to(r.device), r @ gv.to(r.device)], -1)
+    return first, r.sum(-1, keepdim=True)
+
+
+def centroid(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(..., K, H, W) logits → (..., K, 2) centre of mass of ``relu`` (argmax if all ≤ 0)."""
+    first, mass = _relu_moments(heatmaps)
     safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-    c = torch.stack([(r @ gu.to(r.device)), (r @ gv.to(r.device))], -1) / safe
-    return torch.where(mass > 0, c, hard_argmax(heatmaps))
+    return torch.where(mass > 0, first / safe, hard_argmax(heatmaps))
 
 
 def centroid_train(heatmaps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Differentiable :func:`centroid` for training (``eps`` in the mass, no fallback)."""
-    h, w = heatmaps.shape[-2:]
-    r = torch.relu(heatmaps.flatten(-2))
-    gu, gv = cell_grid(h, w, heatmaps.dtype)
-    return torch.stack([r @ gu.to(r.device), r @ gv.to(r.device)], -1) / (
-        r.sum(-1, keepdim=True) + eps)
+    first, mass = _relu_moments(heatmaps)
+    return first / (mass + eps)
 
 
 def read_keypoints(heatmaps: torch.Tensor, readout: str) -> torch.Tensor:

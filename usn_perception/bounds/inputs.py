@@ -75,6 +75,9 @@ class ImageEncoding:
         self.weights = torch.as_tensor(weights.reshape(q, -1), device=self.device)
         self.shape = (1, h_out, w_out)
         self.image_shape = xf.shape
+        #: (V,) total resize weight of each distinct value over the network input.
+        self.value_weights = torch.zeros_like(self.values).index_add_(
+            0, self.index.reshape(-1), self.weights.reshape(-1))
 
     def _gather(self, table: torch.Tensor) -> torch.Tensor:
         """(V, D) per-value table → (D, 1, H, W) preprocessed network inputs."""
@@ -153,9 +156,7 @@ class ImageEncoding:
         g = min(int(generators), int((rad > 0).sum(1).max())) if generators > 0 else 0
         gens = []
         if g > 0:
-            weight = torch.zeros_like(self.values).index_add_(
-                0, self.index.reshape(-1), self.weights.reshape(-1))
-            pick = (rad * weight[None]).topk(g, dim=1).indices  # (N, G)
+            pick = (rad * self.value_weights[None]).topk(g, dim=1).indices  # (N, G)
             onehot = torch.zeros(n, g, rad.shape[1], dtype=rad.dtype, device=rad.device)
             onehot.scatter_(2, pick[:, :, None], 1.0)
             gens = (onehot * rad[:, None]).permute(1, 0, 2).reshape(g * n, -1)

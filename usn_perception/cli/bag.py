@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from usn_perception.cli.registry import command, floats, pair, progress, size
+from usn_perception.cli.registry import READOUT_CHOICES, command, floats, pair, progress, size
 from usn_perception.errors import UsnPerceptionError
 
 #: Exit status of a run that wrote partial outputs (a damaged bag); 1 is "nothing written".
@@ -111,7 +111,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--max-subboxes', type=int, default=5,
                    help='θ sub-boxes bounded per frame (node default 5)')
     g.add_argument('--method', choices=('forward', 'ibp'), default='forward')
-    g.add_argument('--readout', choices=('soft-argmax', 'argmax'), default=None)
+    g.add_argument('--readout', choices=READOUT_CHOICES, default=None)
     g.add_argument('--score-threshold', type=float, default=0.0)
     g.add_argument('--max-width-px', type=float, default=None)
     g.add_argument('--no-certify', action='store_true', help='predict only (status SKIPPED)')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from usn_perception.cli.registry import command, floats, pair, progress
+from usn_perception.cli.registry import READOUT_CHOICES, command, floats, pair, progress
 from usn_perception.errors import UsnPerceptionError
 
 
@@ -24,7 +24,7 @@ def _cfg_certify(p: argparse.ArgumentParser) -> None:
                    help='maximum θ sub-boxes per image (default: the offline budget)')
     p.add_argument('--budget-ms', type=float, default=None,
                    help='wall-clock limit per image in ms')
-    p.add_argument('--readout', choices=('soft-argmax', 'argmax'), default=None)
+    p.add_argument('--readout', choices=READOUT_CHOICES, default=None)
     p.add_argument('--limit', type=int, default=None, help='certify only the first N images')
     p.add_argument('--sweep', type=floats, default=None,
                    help='also certify the box scaled by these factors about θ=(1,0), '

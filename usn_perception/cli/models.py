@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from usn_perception.cli.registry import command, floats, progress, size
+from usn_perception.cli.registry import (
+    ARCH_CHOICES,
+    READOUT_CHOICES,
+    command,
+    floats,
+    progress,
+    size,
+)
 from usn_perception.errors import UsnPerceptionError
 
 
@@ -23,10 +30,10 @@ def _cfg_train(p: argparse.ArgumentParser) -> None:
                    help='per-layer widths (9 comma-separated integers)')
     p.add_argument('--input-size', type=size, default=(128, 96), help='network input W,H')
     p.add_argument('--limit', type=int, default=None, help='use only the first N images')
-    p.add_argument('--arch', choices=('homogeneous', 'plain'), default='homogeneous',
+    p.add_argument('--arch', choices=ARCH_CHOICES, default='homogeneous',
                    help='homogeneous (default): certifiable by construction, see '
                         'docs/certification.md; plain: biased BatchNorm net')
-    p.add_argument('--readout', choices=('centroid', 'soft-argmax', 'argmax'), default=None,
+    p.add_argument('--readout', choices=READOUT_CHOICES, default=None,
                    help='default readout (default: centroid for homogeneous, soft-argmax '
                         'for plain)')
 
@@ -44,7 +51,7 @@ def _train_val_paths(data: Path, val: Path | None) -> tuple[Path, Path]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with validation each epoch; writes MODEL_DIR/model.{json,pt} and metrics.json."""
     from usn_perception.data.coco import load_coco
-    from usn_perception.network import DetectorConfig
+    from usn_perception.network import PLAIN_DEFAULTS, DetectorConfig
     from usn_perception.train import TrainOptions, train_detector
 
     train_path, val_path = _train_val_paths(args.data, args.val)
@@ -54,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     kwargs = {'input_size': args.input_size, 'keypoint_names': tuple(train_set.keypoint_names),
               'arch': args.arch}
     if args.arch == 'plain':
-        kwargs.update(norm_mean=0.5, readout='soft-argmax')
+        kwargs.update(PLAIN_DEFAULTS)
     if args.readout:
         kwargs['readout'] = args.readout
     if args.widths:
@@ -81,7 +88,7 @@ def _cfg_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data', required=True, type=Path, help='COCO keypoints file')
     p.add_argument('--tolerance', type=floats, default=(2.0, 3.0, 4.0, 5.0),
                    help='PCK tolerances in pixels')
-    p.add_argument('--readout', choices=('soft-argmax', 'argmax'), default=None)
+    p.add_argument('--readout', choices=READOUT_CHOICES, default=None)
     p.add_argument('--json', action='store_true', help='print the summary as JSON')
 
 
