@@ -3,7 +3,8 @@
 For a homogeneous network (``DetectorConfig.arch``) every ReLU keeps its sign over a θ box in
 which no pixel clips, so the forward-mode bound is exact; this bench shows, per layer, how many
 ReLUs the engine finds unstable on chosen sub-boxes, the relaxation radius reaching the
-logits, and the effect of clip generators (``ImageEncoding.forms(generators=G)``).
+logits, the effect of clip generators (``ImageEncoding.forms(generators=G)``), and the
+same in clip-threshold coordinates (``ImageEncoding.threshold_forms``).
 
     python bench/bench_relu_stability.py --model models/default --generators 0,16
 
@@ -41,10 +42,23 @@ BOXES = {
 }
 
 
+#: (τ, κ) sub-boxes (clip-threshold coordinates, bounds.thresholds) inside the node box's
+#: cover τ ∈ [−0.0316, 0.0316], κ ∈ [0.924, 1.084]; cells of one 8-bit level in τ.
+THRESHOLD_BOXES = {
+    'node cover': (-0.0316, 0.0316, 0.924, 1.084),
+    'tau <= 0 (beta >= 0)': (-0.0316, 0.0, 0.924, 1.084),
+    'tau in [0, 1/255]': (0.0, 1 / 255, 0.924, 1.084),
+    'tau in [2/255, 3/255]': (2 / 255, 3 / 255, 0.924, 1.084),
+}
+
+
 def layer_profile(net: CompiledNetwork, enc: ImageEncoding, box: torch.Tensor,
-                  generators: int) -> tuple[list[int], float]:
+                  generators: int, thresholds: bool = False) -> tuple[list[int], float]:
     """Unstable ReLUs before each ReLU layer, and the radius left at the logits."""
-    centre, radius = enc.forms(box, generators)
+    if thresholds:
+        centre, radius = enc.threshold_forms(box)
+    else:
+        centre, radius = enc.forms(box, generators)
     cuts = [i for i, op in enumerate(net.ops) if isinstance(op, ReluOp)]
     counts, start = [], 0
     for cut in cuts + [len(net.ops)]:
@@ -87,6 +101,13 @@ def main() -> None:
         for g in (int(v) for v in args.generators.split(',')):
             counts, rad = layer_profile(net, enc, box, g)
             print(f'| {name} {row} | {g} | {", ".join(map(str, counts))} | {rad:.3g} |')
+    print('\n| (τ, κ) sub-box (τ_lo, τ_hi, κ_lo, κ_hi) | unstable ReLUs per layer | '
+          'logit radius |\n|---|---|---|')
+    for name, row in THRESHOLD_BOXES.items():
+        box = torch.tensor([row], dtype=torch.float64)
+        counts, rad = layer_profile(net, enc, box, 0, thresholds=True)
+        print(f'| {name} {tuple(round(v, 4) for v in row)} | {", ".join(map(str, counts))} | '
+              f'{rad:.3g} |')
 
 
 if __name__ == '__main__':

@@ -314,6 +314,77 @@ def test_black_pixels_are_cut_at_beta_zero():
     assert float(exact.widths.max()) < 1e-4
 
 
+def test_threshold_identity_and_input_table_are_exact_at_points():
+    """clip(α·x + β, 0, 1) = α·(clip(x, τ, κ) − τ), and the (τ, κ) input table reproduces it."""
+    from usn_perception.bounds.inputs import ImageEncoding
+    from usn_perception.bounds.thresholds import threshold_row
+
+    rng = np.random.default_rng(0)
+    image = np.round(rng.random((30, 40)) * 255).astype(np.uint8)
+    enc = ImageEncoding(image, (32, 24))
+    for a, b in [(1.0, 0.0), (0.7, -0.2), (1.3, 0.15), (0.9, 0.05)]:
+        tau, kappa = -b / a, (1 - b) / a
+        point = torch.tensor([[tau, tau, kappa, kappa]], dtype=F64)
+        centre, radius = enc.threshold_forms(point)
+        u = centre[:, 0] + centre[:, 1] * tau + centre[:, 2] * kappa
+        assert float(radius.abs().max()) == 0.0
+        theta = torch.tensor([[a, b]], dtype=F64)
+        torch.testing.assert_close(a * u, enc.evaluate(theta), rtol=0, atol=1e-12)
+        row = threshold_row(PhotometricBox.point(a, b))
+        assert row[0, 0] <= tau <= row[0, 1] and row[0, 2] <= kappa <= row[0, 3]
+    assert threshold_row(PhotometricBox((0.5, 1.0), (0.2, 1.0))) is None  # κ undefined
+
+
+def test_threshold_coordinates_need_a_homogeneous_network():
+    from usn_perception.bounds.layers import compile_network
+    from usn_perception.bounds.thresholds import is_homogeneous
+
+    assert is_homogeneous(compile_network(homogeneous_detector(0).net, (1, 24, 32)))
+    plain = deep_detector(1, (8,) * 9, arch='plain')
+    assert not is_homogeneous(compile_network(plain.net, (1, 24, 32)))
+    image = make_image('blobs')
+    assert certify_keypoints(plain, image, NODE_BOX, readout='argmax',
+                             budget=Budget(1)).stats['coordinates'] == 'theta'
+    with pytest.raises(ValueError, match='threshold coordinates'):
+        certify_keypoints(plain, image, NODE_BOX, readout='argmax', coordinates='thresholds')
+    with pytest.raises(ValueError, match='threshold coordinates'):
+        certify_keypoints(homogeneous_detector(0), image, NODE_BOX, readout='soft-argmax',
+                          coordinates='thresholds')
+    with pytest.raises(ValueError, match='coordinates'):
+        certify_keypoints(plain, image, NODE_BOX, coordinates='polar')
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('readout', ['centroid', 'argmax'])
+def test_threshold_coordinates_have_no_escapes(seed, readout):
+    """(τ, κ) bounds on homogeneous networks: dark, saturated, uint8 and degenerate boxes."""
+    det = homogeneous_detector(seed)
+    for kind in ('dark', 'saturated', 'rgb', 'blobs'):
+        image = make_image(kind, seed)
+        for box in (NODE_BOX, OFFLINE_BOX, DARKENING, PhotometricBox.point(1.1, -0.05)):
+            cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(6))
+            assert cert.stats['coordinates'] == 'thresholds'
+            assert_sound(det, image, box, cert, readout, grid=5, attack=kind == 'rgb')
+
+
+def test_threshold_cuts_at_pixel_values_make_the_input_exact():
+    """Cut at every value inside the τ range: each piece's input is exact (zero radius)."""
+    from usn_perception.bounds.box import split_boxes
+    from usn_perception.bounds.inputs import ImageEncoding
+    from usn_perception.bounds.thresholds import threshold_splits
+
+    image = np.array([[0, 3, 3, 9], [9, 200, 250, 255]], dtype=np.uint8)
+    enc = ImageEncoding(image, (16, 16))
+    boxes = torch.tensor([[-0.02, 0.04, 0.9, 1.1]], dtype=F64)
+    assert float(enc.threshold_forms(boxes)[1].max()) > 0
+    for _ in range(6):
+        boxes = split_boxes(boxes, *threshold_splits(boxes, enc.values, enc.value_weights))
+    cut = boxes[:, [0, 1]].unique().tolist() + boxes[:, [2, 3]].unique().tolist()
+    for v in (3 / 255, 9 / 255, 250 / 255):
+        assert any(abs(c - v) < 1e-15 for c in cut), v
+    assert float(enc.threshold_forms(boxes)[1].max()) == 0.0
+
+
 # --- relations between methods and budgets ---------------------------------------------------
 
 @pytest.mark.parametrize('readout', READOUTS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,6 +24,12 @@ from usn_perception.bounds.layers import CompiledNetwork, compile_network
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
 from usn_perception.bounds.spec import argmax_bounds, centroid_bounds, soft_argmax_bounds
 from usn_perception.bounds.split import RefineResult, refine
+from usn_perception.bounds.thresholds import (
+    SCALE_FREE_READOUTS,
+    is_homogeneous,
+    threshold_row,
+    threshold_splits,
+)
 from usn_perception.errors import UnsupportedLayerError
 from usn_perception.network import READOUTS
 from usn_perception.readout import cell_grid, read_keypoints
@@ -33,6 +40,7 @@ __all__ = [
 ]
 
 METHODS = ('forward', 'ibp')
+COORDINATES = ('auto', 'theta', 'thresholds')
 #: Clipped input values that keep a symbol of their own (see ``ImageEncoding.forms``).
 GENERATORS = 0
 #: Per-frame budget for the ROS node: a fixed amount of work, so replays are deterministic.
@@ -101,7 +109,7 @@ class _Evaluator:
 
     def __init__(self, net: CompiledNetwork, enc: ImageEncoding, method: str, readout: str,
                  heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool,
-                 generators: int = 0) -> None:
+                 generators: int = 0, thresholds: bool = False) -> None:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
         self.relu = 'interval' if method == 'ibp' else relu
         self.grid = tuple(g.to(enc.device) for g in cell_grid(*heatmap_hw))
@@ -110,9 +118,14 @@ class _Evaluator:
         self.ibp_root = ibp_root and method != 'ibp'
         self.unstable = 0
         self.generators = generators
+        self.thresholds = thresholds  # sub-boxes are (τ, κ) boxes, see bounds.thresholds
 
     def _bound(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
-        if relu == 'interval':
+        if self.thresholds:
+            stage = self.enc.threshold_intervals if relu == 'interval' else (
+                self.enc.threshold_forms)
+            c, r = stage(part)
+        elif relu == 'interval':
             c, r = self.enc.intervals(part)
         else:
             c, r = self.enc.forms(part, self.generators)
@@ -143,6 +156,20 @@ class _Evaluator:
         return bounds, torch.cat(est)
 
 
+def _threshold_root(net: CompiledNetwork, box: PhotometricBox, readout: str, method: str,
+                    coordinates: str) -> torch.Tensor | None:
+    """The (τ, κ) root box when threshold coordinates are asked for (or 'auto') and valid."""
+    if coordinates == 'theta':
+        return None
+    valid = method == 'forward' and readout in SCALE_FREE_READOUTS and is_homogeneous(net)
+    row = threshold_row(box) if valid else None
+    if row is None and coordinates == 'thresholds':
+        raise ValueError('threshold coordinates need the forward method, a scale-free readout '
+                         f'{SCALE_FREE_READOUTS}, a network without any bias or shift, and '
+                         f'beta < 1 (got method {method!r}, readout {readout!r})')
+    return row
+
+
 def _chunk_size(net: CompiledNetwork, generators: int = 0) -> int:
     """Sub-boxes per batch: about 0.2 M form elements per layer call.
 
@@ -164,6 +191,7 @@ def certify_keypoints(
     max_width_px: float | None = None,
     relu: str = 'parallel',
     generators: int = GENERATORS,
+    coordinates: str = 'auto',
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -174,7 +202,11 @@ def certify_keypoints(
     is wider than that (on either axis) NOT_CERTIFIED; the box is still reported.
     ``generators``: clipped input values that keep their own symbol instead of joining the
     radius (0 = off, the default: measured to cost ~5x the time for little gain when the
-    clip ambiguity is what makes ReLUs unstable; see docs/certification.md). Raises
+    clip ambiguity is what makes ReLUs unstable; see docs/certification.md).
+    ``coordinates``: 'theta' bounds over (α, β); 'thresholds' over the clip thresholds
+    (τ, κ) = (−β/α, (1 − β)/α), valid for a homogeneous network (no bias or shift anywhere)
+    and a scale-free readout (centroid, argmax), where it is exact on pieces cut at pixel
+    values; 'auto' (default) uses thresholds whenever they are valid. Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.
@@ -191,6 +223,8 @@ def certify_keypoints(
     budget = OFFLINE_BUDGET if budget is None else budget
     if not isinstance(budget, Budget):
         raise ValueError(f'budget must be a Budget, got {budget!r}')
+    if coordinates not in COORDINATES:
+        raise ValueError(f'coordinates must be one of {COORDINATES}, got {coordinates!r}')
     if not (isinstance(generators, int) and generators >= 0):
         raise ValueError(f'generators must be a non-negative integer, got {generators!r}')
     if max_width_px is not None and not max_width_px > 0:
@@ -204,14 +238,23 @@ def certify_keypoints(
     if net.output_shape != (k, h_h, w_h):
         raise UnsupportedLayerError(
             f'network output {net.output_shape} is not {k} heatmaps of {h_h}x{w_h}')
+    root = _threshold_root(net, box, readout, method, coordinates)
+    thresholds = root is not None
     evaluate = _Evaluator(net, enc, method, readout, (h_h, w_h), relu,
-                          _chunk_size(net, generators), ibp_root=True, generators=generators)
+                          _chunk_size(net, 0 if thresholds else generators), ibp_root=True,
+                          generators=0 if thresholds else generators, thresholds=thresholds)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
+             'coordinates': 'thresholds' if thresholds else 'theta',
              'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms}}
+    splitter = partial(threshold_splits, values=enc.values,
+                       weights=enc.value_weights) if thresholds else None
+    if not thresholds:
+        root = box.as_row()
     try:
         with torch.no_grad():
-            result = refine(evaluate, box.as_row().to(enc.device), budget,
-                            intensity=enc.mean_intensity(), deadline=deadline)
+            result = refine(evaluate, root.to(enc.device), budget,
+                            intensity=enc.mean_intensity(), deadline=deadline,
+                            splitter=splitter)
     except BudgetExceeded:
         stats.update(subboxes=0, leaves=0, passes=0, stopped='time',
                      ms=(time.perf_counter() - t0) * 1000.0)

@@ -4,7 +4,8 @@ Modules, one job each: :mod:`box` (the θ box, budgets, sub-box batches), :mod:`
 (affine forms in θ and their exact extremes), :mod:`inputs` (image → bounds of the network
 input), :mod:`layers` (network → supported ops, or a clear refusal), :mod:`propagate`
 (forward-mode linear bounds and IBP), :mod:`spec` (heatmap bounds → readout bounds),
-:mod:`split` (adaptive θ splitting), :mod:`attack` (the empirical falsifier),
+:mod:`split` (adaptive θ splitting), :mod:`thresholds` (clip-threshold coordinates for
+homogeneous networks), :mod:`attack` (the empirical falsifier),
 :mod:`diagnostics` (per-layer bound growth and unstable ReLUs).
 """
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from usn_perception.bounds.forms import form_range
+from usn_perception.bounds.thresholds import threshold_table
 from usn_perception.preprocess import GRAY_WEIGHTS, area_weights, image_to_float
 
 
@@ -166,3 +168,20 @@ class ImageEncoding:
         out = self._gather(table).view(4 + g, n, *self.shape)
         centre = out[:3 + g].transpose(0, 1).contiguous()
         return centre, out[3 + g][:, None].contiguous()
+
+    def threshold_forms(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward-mode input in clip-threshold coordinates (see ``bounds.thresholds``).
+
+        Rows of ``boxes`` are [τ_lo, τ_hi, κ_lo, κ_hi]; the input is ``clip(x, τ, κ) − τ``.
+        """
+        n = boxes.shape[0]
+        table = threshold_table(self.values, boxes).T.contiguous()
+        out = self._gather(table).view(4, n, *self.shape)
+        return out[:3].transpose(0, 1).contiguous(), out[3][:, None].contiguous()
+
+    def threshold_intervals(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IBP input in clip-threshold coordinates: constant centre and radius forms."""
+        centre, radius = self.threshold_forms(boxes)
+        lo, hi = form_range(centre, boxes)
+        lo, hi = lo - radius[:, 0], hi + radius[:, 0]
+        return (0.5 * (lo + hi))[:, None], (0.5 * (hi - lo))[:, None]

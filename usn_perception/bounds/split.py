@@ -77,12 +77,21 @@ def _scores(bounds: torch.Tensor, est_lo: torch.Tensor, est_hi: torch.Tensor,
     return torch.where(splittable, out, torch.zeros_like(out))
 
 
+#: splitter(parents (n, 4)) -> (axis per box (n,), cut position or NaN for the midpoint (n,))
+Splitter = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity: float,
-           deadline: float | None = None) -> RefineResult:
+           deadline: float | None = None, splitter: Splitter | None = None) -> RefineResult:
     """Bound ``root`` (1, 4), then split adaptively until the budget is spent.
 
-    Raises :class:`BudgetExceeded` only when the very first pass misses the deadline.
+    ``splitter`` chooses the axis and cut of each box to split (default: :func:`split_dims`
+    and :func:`split_points`, for (α, β) boxes). Raises :class:`BudgetExceeded` only when the
+    very first pass misses the deadline.
     """
+    if splitter is None:
+        def splitter(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return split_dims(parents, intensity), split_points(parents)
     t0 = time.perf_counter()
     bounds, est = evaluate(root, deadline)
     per_box = time.perf_counter() - t0
@@ -103,7 +112,7 @@ def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity
             break
         chosen = score.topk(n_split).indices
         parents = boxes[chosen]
-        children = split_boxes(parents, split_dims(parents, intensity), split_points(parents))
+        children = split_boxes(parents, *splitter(parents))
         t1 = time.perf_counter()
         try:
             child_bounds, child_est = evaluate(children, deadline)
