@@ -350,12 +350,51 @@ def test_installed_node_runs_as_the_launch_file_starts_it(
         assert proc.poll() is None, proc.stdout.read()
         assert clouds and clouds[0].header.frame_id == 'installed'
         assert decode_keypoints(clouds[0]).keypoints.shape == (5, 2)
-    finally:
+        # Stopped mid-stream (as ros2 launch stops it): a SIGTERM that lands while a frame is
+        # processed must still be a clean exit, not a traceback.
+        for k in range(10):
+            msg = numpy_to_image(_frame(n + k), 'mono8')
+            msg.header.frame_id, msg.header.stamp.sec = 'installed', n + k + 1
+            pub.publish(msg)
+            executor.spin_once(timeout_sec=0.02)
         proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and 'Traceback' not in out, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         executor.shutdown()
         probe.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+_STOP_SCRIPT = '''
+import sys
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from usn_perception.ros import node
+
+def spin(self):
+    if sys.argv[1] == 'shutdown-first':
+        rclpy.shutdown()  # what a SIGTERM does, racing the executor's next wait
+    raise RuntimeError('failed to initialize wait set: the given context is not valid')
+
+SingleThreadedExecutor.spin = spin
+sys.exit(node.main(['usn_perception_node', '--ros-args', '-p', 'model_path:=' + sys.argv[2]]))
+'''
+
+
+@pytest.mark.parametrize('mode', ['shutdown-first', 'real-error'])
+def test_stop_during_a_frame_is_clean_and_real_errors_still_surface(ros_domain, tiny_model,
+                                                                     mode):
+    """rclpy raises RCLError, not ExternalShutdownException, when SIGTERM lands mid-frame."""
+    run = subprocess.run([sys.executable, '-c', _STOP_SCRIPT, mode, str(tiny_model)],
+                         capture_output=True, text=True, timeout=120, env=os.environ)
+    if mode == 'shutdown-first':
+        assert run.returncode == 0 and 'Traceback' not in run.stderr, run.stderr[-2000:]
+    else:
+        assert run.returncode != 0 and 'context is not valid' in run.stderr

@@ -501,6 +501,13 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:  # noqa: BLE001 - see below
+        # A SIGTERM that lands while a frame is being processed shuts the context down
+        # before the executor's next wait, which then raises RCLError instead of
+        # ExternalShutdownException (rclpy race). After a shutdown that is a clean stop;
+        # with the context still valid it is a real error.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
