@@ -74,3 +74,42 @@ def test_recalibration_makes_eval_match_the_data_statistics():
     with torch.no_grad():
         ms = first(images).pow(2).mean((0, 2, 3))
     torch.testing.assert_close(norm.running_var, ms, rtol=1e-5, atol=1e-7)
+
+
+def _abs_copy(net: torch.nn.Sequential) -> torch.nn.Sequential:
+    """|net|: absolute weights, zero shifts, replicate padding (the gain's definition)."""
+    import copy
+
+    out = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.weight.abs_()
+                if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0):
+                    m.padding_mode = 'replicate'
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.abs_()
+                m.bias.zero_()
+                m.running_mean.zero_()
+    return out
+
+
+def test_radius_gain_is_the_abs_network_on_ones_and_cannot_be_faked():
+    from usn_perception.network import forward_with_gain
+
+    net = _trained_like(0)
+    x = torch.rand(3, 1, 24, 32, dtype=torch.float64)
+    heatmaps, gain = forward_with_gain(net, x)
+    torch.testing.assert_close(heatmaps, net(x))  # the forward pass is untouched
+    ones = torch.ones(1, 1, 24, 32, dtype=torch.float64)
+    torch.testing.assert_close(gain, _abs_copy(net)(ones).mean())
+    # In training mode the batch's own scale is used: scaling a conv's weights changes the
+    # activations and their normalisation together, so the gain stays put.
+    torch.manual_seed(1)
+    train_net = build_network(CONFIG).double().train()
+    x = torch.rand(8, 1, 24, 32, dtype=torch.float64)
+    g1 = forward_with_gain(train_net, x)[1]
+    with torch.no_grad():
+        train_net[4].weight.mul_(10.0)  # the second conv
+    g2 = forward_with_gain(train_net, x)[1]
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=0)

@@ -73,3 +73,15 @@ def test_empty_training_set_is_an_error(tiny_data, tmp_path):
     empty = type(train_set)(**{**vars(train_set), 'samples': []})
     with pytest.raises(ValueError, match='empty'):
         train_detector(empty, val_set, tmp_path / 'm', config=TINY, progress=False)
+
+
+def test_gain_weight_trains_a_smaller_radius_gain(tiny_data, tmp_path):
+    """Certified training: λ·log(gain) lowers the radius gain the bound engine suffers."""
+    train_set, val_set = tiny_data
+    kw = dict(config=TINY, progress=False, log=lambda s: None)
+    plain = train_detector(train_set, val_set, tmp_path / 'a',
+                           options=TrainOptions(epochs=3, batch_size=8, seed=2), **kw)
+    certified = train_detector(train_set, val_set, tmp_path / 'b',
+                               options=TrainOptions(epochs=3, batch_size=8, seed=2,
+                                                    gain_weight=5.0), **kw)
+    assert certified['history'][-1]['log10_gain'] < plain['history'][-1]['log10_gain'] - 0.5

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Layer plan: (kind, stride). 'c' = 3x3 conv, 't' = 4x4 stride-2 transposed conv.
@@ -198,6 +199,39 @@ def build_network(config: DetectorConfig) -> nn.Sequential:
     net = nn.Sequential(*layers)
     apply_constraints(net)
     return net
+
+
+def forward_with_gain(net: nn.Sequential, x: torch.Tensor,
+                      probe_hw: tuple[int, int] = (24, 32)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``net(x)`` and the network's *radius gain*: the mean of ``|net|`` applied to ones.
+
+    ``|net|`` replaces every weight by its absolute value (norms by |γ|/σ, with the batch's σ
+    in training mode so that rescaling weights cannot fake a small gain). It is how much the
+    bound engine's forward-mode radius can grow from input to heatmap: a trained net reaches
+    ~1e10, which turns a 1e-3 relaxation at a clipped pixel into a vacuous certificate.
+    Penalising ``log(gain)`` in training (``TrainOptions.gain_weight``) is the project's
+    certified-training term. Positional: the chain of :func:`build_network`.
+    """
+    gain = torch.ones(1, 1, *probe_hw, dtype=x.dtype, device=x.device)
+    for m in net:
+        if isinstance(m, nn.BatchNorm2d):
+            if m.training:
+                var = (x.pow(2) if isinstance(m, ScaleNorm2d) else
+                       (x - x.mean(dim=(0, 2, 3), keepdim=True)).pow(2)).mean(dim=(0, 2, 3))
+            else:
+                var = m.running_var
+            gain = gain * (m.weight.abs() / torch.sqrt(var + m.eps)).view(1, -1, 1, 1)
+        elif isinstance(m, nn.ConvTranspose2d):
+            gain = F.conv_transpose2d(gain, m.weight.abs(), None, m.stride, m.padding,
+                                      m.output_padding)
+        elif isinstance(m, nn.Conv2d):
+            pad = m.padding if isinstance(m.padding, tuple) else (m.padding,) * 2
+            gain = F.pad(gain, (pad[1], pad[1], pad[0], pad[0]), mode='replicate')
+            gain = F.conv2d(gain, m.weight.abs(), None, m.stride)
+        elif isinstance(m, InputNormalization):
+            gain = gain / m.std
+        x = m(x)
+    return x, gain.mean()
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from usn_perception.network import (
     DetectorConfig,
     apply_constraints,
     build_network,
+    forward_with_gain,
     recalibrate_norms,
 )
 from usn_perception.preprocess import PixelMapping, image_to_float, resize_area, to_gray
@@ -59,6 +60,8 @@ class TrainOptions:
     seed: int = 0
     threads: int | None = None
     clip_grad: float | None = 5.0
+    #: λ of the certified-training term λ·log(radius gain) (see network.forward_with_gain).
+    gain_weight: float = 0.0
 
 
 @dataclass
@@ -179,12 +182,16 @@ def train_detector(
         perm = torch.randperm(len(tr.images), generator=gen)
         bar = tqdm(range(steps_per_epoch), desc=f'epoch {epoch + 1}/{opts.epochs}',
                    disable=not progress, leave=False)
-        losses = []
+        losses, gains = [], []
         for step in bar:
             idx = perm[step * opts.batch_size:(step + 1) * opts.batch_size]
             x = augment(tr.images[idx], opts, gen)
-            loss = keypoint_loss(net(x), tr.targets[idx], tr.labelled[idx],
+            heatmaps, gain = forward_with_gain(net, x)
+            loss = keypoint_loss(heatmaps, tr.targets[idx], tr.labelled[idx],
                                  opts.heatmap_weight, opts.heatmap_sigma, config.readout)
+            gains.append(float(gain.detach()))
+            if opts.gain_weight:
+                loss = loss + opts.gain_weight * torch.log(gain)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if opts.clip_grad:
@@ -198,9 +205,11 @@ def train_detector(
         pred = predict_tensors(net, va, readout=config.readout)
         acc = accuracy_summary(pred, va.image_keypoints, va.labelled.numpy(), TOLERANCES)
         history.append({'epoch': epoch + 1, 'train_loss': float(np.mean(losses)), **acc,
+                        'log10_gain': float(np.log10(np.median(gains))),
                         'seconds': time.perf_counter() - t0})
         log(f'epoch {epoch + 1}/{opts.epochs}: loss {np.mean(losses):.4f}, val mean error '
-            f'{acc["mean_error_px"]:.2f} px, PCK@4 {acc["pck"]["4"]:.3f}')
+            f'{acc["mean_error_px"]:.2f} px, PCK@4 {acc["pck"]["4"]:.3f}, radius gain '
+            f'1e{history[-1]["log10_gain"]:.1f}')
         if acc['mean_error_px'] < best or best_state is None:
             best = acc['mean_error_px']
             best_state = {k: v.clone() for k, v in net.state_dict().items()}

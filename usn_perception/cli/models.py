@@ -36,6 +36,9 @@ def _cfg_train(p: argparse.ArgumentParser) -> None:
     p.add_argument('--readout', choices=READOUT_CHOICES, default=None,
                    help='default readout (default: centroid for homogeneous, soft-argmax '
                         'for plain)')
+    p.add_argument('--gain-weight', type=float, default=0.0,
+                   help='certified training: weight of log(radius gain) in the loss '
+                        '(0 = off; see docs/certification.md)')
 
 
 def _train_val_paths(data: Path, val: Path | None) -> tuple[Path, Path]:
@@ -71,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsnPerceptionError(f'invalid architecture: {e}') from e
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed)
+                        seed=args.seed, gain_weight=args.gain_weight)
     summary = {'train': str(train_path), 'val': str(val_path),
                'train_images': len(train_set), 'val_images': len(val_set),
                'train_info': train_set.info}
