@@ -249,3 +249,20 @@ def test_cli_score_prune_and_compare(cli_files, tmp_path, capsys):
     assert main(['prune', '--model', model, '--data', ds, '--ratio', '1.2',
                  '--out', str(tmp_path / 'bad')]) == 1
     assert 'ratio must be in [0, 1)' in capsys.readouterr().err
+
+
+def test_fine_tuning_with_gain_weight_lowers_the_radius_gain():
+    """Certified training also applies while a pruned network recovers."""
+    from usn_perception.network import forward_with_gain
+    from usn_perception.prune import _Schedule, fine_tune
+
+    data = _data(16)
+    gains = []
+    for weight in (0.0, 5.0):
+        net = _net()
+        opts = PruneOptions(criterion='random', gain_weight=weight, lr=3e-3, batch_size=8)
+        fine_tune(net, data, 30, options=opts, schedule=_Schedule(opts.lr, 30),
+                  gen=torch.Generator().manual_seed(0), readout=TINY.readout)
+        with torch.no_grad():
+            gains.append(float(forward_with_gain(net.eval(), data.images[:2])[1]))
+    assert gains[1] < 0.5 * gains[0]

@@ -38,6 +38,7 @@ from usn_perception.network import (
     apply_constraints,
     count_macs,
     count_parameters,
+    forward_with_gain,
     layer_widths,
 )
 from usn_perception.readout import read_keypoints
@@ -68,6 +69,7 @@ class PruneOptions:
     min_channels: int = 1
     lr_restarts: bool = True  # a fresh cosine per fine-tuning phase (else one over all)
     seed: int = 0
+    gain_weight: float = 0.0  # certified training during fine-tuning (TrainOptions.gain_weight)
 
     def __post_init__(self) -> None:
         """Refuse options that cannot mean anything, naming the option."""
@@ -376,8 +378,11 @@ def fine_tune(
         idx = perm[pos:pos + options.batch_size]
         pos += options.batch_size
         x = augment(data.images[idx], aug, gen)
-        task = keypoint_loss(net(x), data.targets[idx], data.labelled[idx],
+        heatmaps, gain = forward_with_gain(net, x)
+        task = keypoint_loss(heatmaps, data.targets[idx], data.labelled[idx],
                              aug.heatmap_weight, aug.heatmap_sigma, readout)
+        if options.gain_weight:
+            task = task + options.gain_weight * torch.log(gain)
         for group in optim.param_groups:
             group['lr'] = schedule.next_lr()
         optim.zero_grad(set_to_none=True)

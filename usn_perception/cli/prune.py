@@ -141,6 +141,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rounds', type=int, default=3, help='progressive rounds (1 = one-shot)')
     p.add_argument('--wasserstein', type=float, default=3.0,
                    help='λ of the Wasserstein gate regulariser (0 = off)')
+    p.add_argument('--gain-weight', type=float, default=0.0,
+                   help='certified training while fine-tuning: weight of log(radius gain)')
     p.add_argument('--scope', choices=('layer', 'global'), default='layer',
                    help='ratio per layer, or lowest scores over the whole network')
     p.add_argument('--epochs', type=float, default=4.0, help='total fine-tuning epochs')
@@ -168,7 +170,8 @@ def _options(args: argparse.Namespace, **changes):
               rounds=args.rounds, wasserstein=args.wasserstein, scope=args.scope,
               epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
               alpha=tuple(args.alpha), beta=tuple(args.beta), score_images=args.score_images,
-              score_samples=args.score_samples, seed=getattr(args, 'seed', 0))
+              score_samples=args.score_samples, seed=getattr(args, 'seed', 0),
+              gain_weight=getattr(args, 'gain_weight', 0.0))
     kw.update(changes)
     try:
         return PruneOptions(**kw)
