@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rss_curve: list[tuple[float, int]] = []
     next_sample = t0
+
     def running() -> bool:
         if args.frames:
             return sent[0] < args.frames

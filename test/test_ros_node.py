@@ -389,8 +389,8 @@ sys.exit(node.main(['usn_perception_node', '--ros-args', '-p', 'model_path:=' + 
 
 
 @pytest.mark.parametrize('mode', ['shutdown-first', 'real-error'])
-def test_stop_during_a_frame_is_clean_and_real_errors_still_surface(ros_domain, tiny_model,
-                                                                     mode):
+def test_stop_during_a_frame_is_clean_and_real_errors_still_surface(
+        ros_domain, tiny_model, mode):
     """rclpy raises RCLError, not ExternalShutdownException, when SIGTERM lands mid-frame."""
     run = subprocess.run([sys.executable, '-c', _STOP_SCRIPT, mode, str(tiny_model)],
                          capture_output=True, text=True, timeout=120, env=os.environ)
