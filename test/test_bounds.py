@@ -20,11 +20,19 @@ from usn_perception.bounds.forms import form_at, form_corners, form_range, lower
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import SUPPORTED_LAYERS, compile_network
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
-from usn_perception.bounds.spec import argmax_bounds, coupled_max, lfp_max
+from usn_perception.bounds.spec import (
+    LOCAL_CANDIDATES,
+    argmax_bounds,
+    centroid_bounds,
+    coupled_max,
+    lfp_max,
+    local_centroid_bounds,
+)
 from usn_perception.bounds.split import refine
 from usn_perception.detector import Detector
 from usn_perception.errors import UnsupportedLayerError
 from usn_perception.network import DetectorConfig, InputNormalization, build_network
+from usn_perception.readout import centroid, local_centroid
 
 F64 = torch.float64
 
@@ -358,6 +366,84 @@ def test_argmax_bounds_contain_sampled_argmax():
         assert bool(((u >= bounds[..., 0]) & (u <= bounds[..., 1])
                      & (v >= bounds[..., 2]) & (v <= bounds[..., 3])).all())
     assert float((bounds[..., 1] - bounds[..., 0]).min()) < w - 1  # not trivial everywhere
+
+
+def _two_peak_forms(gen: torch.Generator, n_box: int, k: int, h: int, w: int,
+                    spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit forms with two rival peaks far apart, a negative floor and θ-dependent slopes."""
+    centre = torch.randn(n_box, 3, k, h * w, generator=gen, dtype=F64) * 0.05 - 0.2
+    centre[:, 1:] = torch.randn(n_box, 2, k, h * w, generator=gen, dtype=F64) * 0.3
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    for (pu, pv), height in (((3.0, 2.0), 1.0), ((w - 3.0, h - 3.0), 0.95)):
+        bump = torch.exp(-((gu - pu) ** 2 + (gv - pv) ** 2) / 2.0).reshape(-1)
+        centre[:, 0] += 1.3 * height * bump
+    radius = torch.rand(n_box, 1, k, h * w, generator=gen, dtype=F64) * spread
+    return centre, radius
+
+
+@pytest.mark.parametrize('readout', ['centroid', 'local-centroid'])
+@pytest.mark.parametrize('spread', [0.0, 0.02, 0.3])
+def test_centroid_bounds_contain_sampled_readouts(readout, spread):
+    """Any logits inside the forms' bounds, at any θ of the sub-box, read inside the bound.
+
+    Two rival peaks make the argmax (and so the local window) switch between sub-boxes and
+    samples; spread 0 checks the exact case, 0.3 the vacuous-mass fallbacks.
+    """
+    gen = torch.Generator().manual_seed(11)
+    n_box, k, h, w = 5, 2, 9, 14
+    centre, radius = _two_peak_forms(gen, n_box, k, h, w, spread)
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    grid = (gu.reshape(-1), gv.reshape(-1))
+    bound, read = {'centroid': (centroid_bounds, centroid),
+                   'local-centroid': (local_centroid_bounds, local_centroid)}[readout]
+    bounds = bound(centre, radius, SUB_BOXES, grid)
+    thetas = _sample_thetas(SUB_BOXES, 48, gen)
+    for i in range(thetas.shape[1]):
+        for extreme in (-1.0, 1.0, 0.0):
+            noise = torch.rand(n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1
+            scale = extreme if extreme else noise
+            logits = form_at(centre, thetas[:, i]) + scale * radius[:, 0]
+            uv = read(logits.view(n_box, k, h, w))
+            assert bool(((uv[..., 0] >= bounds[..., 0]) & (uv[..., 0] <= bounds[..., 1])
+                         & (uv[..., 1] >= bounds[..., 2]) & (uv[..., 1] <= bounds[..., 3])
+                         ).all()), (readout, spread, i)
+    if spread == 0.0:  # exact forms: the bound is the readout's own range, not the grid
+        assert float((bounds[..., 1] - bounds[..., 0]).max()) < w - 1
+
+
+def test_local_centroid_bounds_beat_centroid_when_far_cells_are_uncertain():
+    """The local window ignores far cells that may turn positive; the global centroid cannot."""
+    gen = torch.Generator().manual_seed(12)
+    n_box, k, h, w = 5, 1, 12, 16
+    centre, radius = _two_peak_forms(gen, n_box, k, h, w, 0.0)
+    centre[:, 1:] *= 0.01  # nearly exact in θ
+    centre[:, 0, :, h * w // 2:] = -0.3  # one peak in the top half, a floor below it
+    radius[:, 0, :, -w:] = 0.5  # but the bottom row may turn positive
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    grid = (gu.reshape(-1), gv.reshape(-1))
+    glob = centroid_bounds(centre, radius, SUB_BOXES, grid)
+    loc = local_centroid_bounds(centre, radius, SUB_BOXES, grid)
+    assert float((loc[..., 3] - loc[..., 2]).max()) < 1.0
+    assert float((glob[..., 3] - glob[..., 2]).min()) > 1.0
+
+
+def test_local_centroid_bounds_with_many_candidates_stay_in_the_grown_box():
+    """More argmax candidates than LOCAL_CANDIDATES: the candidates' box grown by the window."""
+    n_box, k, h, w = 5, 1, 6, 30
+    centre = torch.zeros(n_box, 3, k, h * w, dtype=F64)
+    centre[:, 0, :, 2 * w:3 * w] = 1.0  # one row of equal peaks: all may be the argmax
+    radius = torch.full((n_box, 1, k, h * w), 1e-3, dtype=F64)
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    grid = (gu.reshape(-1), gv.reshape(-1))
+    assert w > LOCAL_CANDIDATES
+    loc = local_centroid_bounds(centre, radius, SUB_BOXES, grid)
+    torch.testing.assert_close(loc[..., 0], torch.zeros_like(loc[..., 0]))
+    torch.testing.assert_close(loc[..., 1], torch.full_like(loc[..., 1], w - 1.0))
+    assert float(loc[..., 2].min()) >= 0.0 and float(loc[..., 3].max()) <= 5.0
 
 
 # --- splitting -------------------------------------------------------------------------------

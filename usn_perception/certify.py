@@ -22,7 +22,12 @@ from usn_perception.bounds.forms import collapse_generators, form_at
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
-from usn_perception.bounds.spec import argmax_bounds, centroid_bounds, soft_argmax_bounds
+from usn_perception.bounds.spec import (
+    argmax_bounds,
+    centroid_bounds,
+    local_centroid_bounds,
+    soft_argmax_bounds,
+)
 from usn_perception.bounds.split import RefineResult, refine
 from usn_perception.bounds.thresholds import (
     SCALE_FREE_READOUTS,
@@ -132,8 +137,8 @@ class _Evaluator:
         c, r, unstable = propagate(self.net, c, r, part, relu=relu, deadline=deadline)
         self.unstable += int(unstable.sum())
         c, r = collapse_generators(c.flatten(3), r.flatten(3))
-        bound_readout = {'centroid': centroid_bounds, 'soft-argmax': soft_argmax_bounds,
-                         'argmax': argmax_bounds}[self.readout]
+        bound_readout = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
+                         'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}[self.readout]
         bounds = bound_readout(c, r, part, self.grid)
         logits = form_at(c, box_centres(part)).view(part.shape[0], -1, *self.heatmap_hw)
         est = read_keypoints(logits, self.readout)
@@ -205,8 +210,8 @@ def certify_keypoints(
     clip ambiguity is what makes ReLUs unstable; see docs/certification.md).
     ``coordinates``: 'theta' bounds over (α, β); 'thresholds' over the clip thresholds
     (τ, κ) = (−β/α, (1 − β)/α), valid for a homogeneous network (no bias or shift anywhere)
-    and a scale-free readout (centroid, argmax), where it is exact on pieces cut at pixel
-    values; 'auto' (default) uses thresholds whenever they are valid. Raises
+    and a scale-free readout (centroid, local-centroid, argmax), where it is exact on pieces cut
+    at pixel values; 'auto' (default) uses thresholds whenever they are valid. Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.

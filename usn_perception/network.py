@@ -119,7 +119,7 @@ class DetectorConfig:
         )
 
 
-READOUTS = ('centroid', 'soft-argmax', 'argmax')
+READOUTS = ('centroid', 'local-centroid', 'soft-argmax', 'argmax')
 ARCHS = ('homogeneous', 'plain')
 #: What differs from the defaults for the plain architecture (and old files without ``arch``).
 PLAIN_DEFAULTS = {'norm_mean': 0.5, 'readout': 'soft-argmax'}

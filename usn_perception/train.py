@@ -3,10 +3,10 @@
 The loss is ``L1(readout, target) + λ·shape`` in heatmap cells. The L1 term trains the
 certified readout directly (sub-cell precision). The shape term keeps each heatmap a single
 sharp peak: for ``soft-argmax``/``argmax`` models the cross-entropy against a Gaussian, for
-``centroid`` models the squared error against ``(1 + m)·G − m`` (a Gaussian peak lifted
-above a slightly negative floor m), so that ``relu`` leaves only the peak and the centroid is
-not pulled by background cells. Brightness/contrast augmentation makes the detector
-itself robust to the perturbations we later certify. Deterministic for a seed.
+``centroid`` and ``local-centroid`` models the squared error against ``(1 + m)·G − m`` (a
+Gaussian peak lifted above a slightly negative floor m), so that ``relu`` leaves only the peak
+and the centroid is not pulled by background cells. Brightness/contrast augmentation makes the
+detector itself robust to the perturbations we later certify. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -106,12 +106,13 @@ def keypoint_loss(
     hh, ww = heatmaps.shape[-2:]
     gu, gv = cell_grid(hh, ww, heatmaps.dtype)
     d2 = (gu - targets[..., :1]) ** 2 + (gv - targets[..., 1:]) ** 2
-    if readout == 'centroid':
-        # The centroid's own L1, plus soft-argmax's (well conditioned from the first step,
+    if readout in ('centroid', 'local-centroid'):
+        # The readout's own L1, plus soft-argmax's (well conditioned from the first step,
         # when few cells are positive), plus the shape term.
         peak = (1.0 + CENTROID_FLOOR) * torch.exp(-d2 / (2 * sigma**2)) - CENTROID_FLOOR
         shape = (heatmaps.flatten(-2) - peak).pow(2).sum(-1)
-        l1 = ((centroid_train(heatmaps) - targets).abs().sum(-1)
+        own = centroid_train(heatmaps, local=readout == 'local-centroid')
+        l1 = ((own - targets).abs().sum(-1)
               + (soft_argmax(CENTROID_SHARPNESS * heatmaps) - targets).abs().sum(-1))
     else:
         target_p = torch.softmax(-d2 / (2 * sigma**2), dim=-1)

@@ -25,6 +25,7 @@ import torch
 
 from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
 from usn_perception.bounds.propagate import relu_forms
+from usn_perception.readout import LOCAL_RADIUS
 
 #: Relative slack on logit differences: rounding of float64 sums is ~1e-13 relative here.
 LOGIT_SLACK = 1e-7
@@ -246,6 +247,31 @@ def soft_argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.
     return torch.stack([lo_u, hi_u, lo_v, hi_v], -1)
 
 
+def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor,
+                         boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Upper/lower affine bounds of r_i = relu(h_i) at the sub-box corners, with error scales.
+
+    Returns ``(up_c, lo_c, up_err, lo_err)``, each (N, 4, K, n). The rounding slack of the
+    logits is relative to the heatmap's largest logit magnitude (centroids ignore the scale).
+    """
+    mag = logit_slack(centre, radius, boxes)
+    radius = radius.clone()
+    radius[:, 0] += LOGIT_SLACK * (mag + mag.amax(-1, keepdim=True))
+    rc, rr, _ = relu_forms(centre, radius, boxes, 'parallel')
+    up_form, lo_form = upper(rc, rr), lower(rc, rr)
+    up_c = form_corners(up_form, boxes)  # (N, 4, K, n)
+    lo_c = form_corners(lo_form, boxes)
+    up_err = _abs_corners(up_form, boxes) + up_c.abs()
+    lo_err = _abs_corners(lo_form, boxes) + lo_c.abs()
+    return up_c, lo_c, up_err, lo_err
+
+
+def _vanishing(lo_c: torch.Tensor, lo_err: torch.Tensor) -> torch.Tensor:
+    """(N, K) where the summed lower weights may be ≤ 0 at some corner (rounding included)."""
+    eps = 2.0 ** -52 * (lo_c.shape[-1] + 16)
+    return ((lo_c.sum(-1) - 2.0 * eps * lo_err.sum(-1)) <= 0).any(1)
+
+
 def centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
                     grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """(N, K, 4) box in heatmap cells bounding the ``centroid`` readout per sub-box.
@@ -257,21 +283,9 @@ def centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Ten
     forms are exact and so is the bound. Where the mass may vanish the readout may fall back
     to argmax, so the argmax box is joined in.
     """
-    mag = logit_slack(centre, radius, boxes)
-    radius = radius.clone()
-    # The centroid is invariant to the heatmap's scale, so the rounding slack is relative to
-    # the largest logit magnitude of the heatmap rather than to 1 (as for differences).
-    radius[:, 0] += LOGIT_SLACK * (mag + mag.amax(-1, keepdim=True))
-    rc, rr, _ = relu_forms(centre, radius, boxes, 'parallel')
-    up_form, lo_form = upper(rc, rr), lower(rc, rr)
-    up_c = form_corners(up_form, boxes)  # (N, 4, K, n)
-    lo_c = form_corners(lo_form, boxes)
-    up_err = _abs_corners(up_form, boxes) + up_c.abs()
-    lo_err = _abs_corners(lo_form, boxes) + lo_c.abs()
+    up_c, lo_c, up_err, lo_err = _relu_weight_corners(centre, radius, boxes)
     n = up_c.shape[-1]
-    eps = 2.0 ** -52 * (n + 16)
-    mass = lo_c.sum(-1) - 2.0 * eps * lo_err.sum(-1)
-    may_vanish = (mass <= 0).any(1)  # (N, K)
+    may_vanish = _vanishing(lo_c, lo_err)  # (N, K)
     out = []
     for coords in grid:
         for sign in (-1.0, 1.0):
@@ -285,17 +299,99 @@ def centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Ten
     bounds = torch.stack(out, -1)
     if bool(may_vanish.any()):
         fallback = argmax_bounds(centre, radius, boxes, grid)
-        joined = torch.stack([torch.minimum(bounds[..., 0], fallback[..., 0]),
-                              torch.maximum(bounds[..., 1], fallback[..., 1]),
-                              torch.minimum(bounds[..., 2], fallback[..., 2]),
-                              torch.maximum(bounds[..., 3], fallback[..., 3])], -1)
-        bounds = torch.where(may_vanish[..., None], joined, bounds)
+        bounds = torch.where(may_vanish[..., None], _hull(bounds, fallback), bounds)
     return bounds
 
 
-def argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
-                  grid: tuple[torch.Tensor, torch.Tensor], *, witnesses: int = 4) -> torch.Tensor:
-    """(N, K, 4) box in heatmap cells holding every cell that may be the argmax per sub-box."""
+def _hull(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Smallest [u_lo, u_hi, v_lo, v_hi] boxes holding both ``a`` and ``b`` (..., 4)."""
+    return torch.stack([torch.minimum(a[..., 0], b[..., 0]), torch.maximum(a[..., 1], b[..., 1]),
+                        torch.minimum(a[..., 2], b[..., 2]), torch.maximum(a[..., 3], b[..., 3])],
+                       -1)
+
+
+#: Most argmax candidates per keypoint and sub-box that get their own window bound; with
+#: more, the local centroid is bounded by the candidates' bounding box grown by the radius.
+LOCAL_CANDIDATES = 16
+
+
+def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                          grid: tuple[torch.Tensor, torch.Tensor],
+                          window: int = LOCAL_RADIUS) -> torch.Tensor:
+    """(N, K, 4) box in heatmap cells bounding the ``local-centroid`` readout per sub-box.
+
+    For every θ the readout is the relu centre of mass of the window around *some* cell p
+    that may be the argmax (:func:`possible_argmax`). For each such p the window's centroid
+    is bounded over the whole sub-box by the threshold scan of :func:`centroid_bounds` on
+    the window's cells, in coordinates relative to p (so every window shares one grid), and p
+    itself is joined where the window's mass may vanish. The certificate is the hull over
+    the candidates. With more than :data:`LOCAL_CANDIDATES` candidates it is the candidates'
+    bounding box grown by ``window`` cells (every window centroid lies in its window).
+    """
+    gu, gv = grid
+    width = int(gu.max().item()) + 1
+    height = int(gv.max().item()) + 1
+    possible = possible_argmax(centre, radius, boxes)  # (N, K, n)
+    count = possible.sum(-1)  # (N, K)
+    cand_box = _cell_box(possible, grid)
+    grown = torch.stack([(cand_box[..., 0] - window).clamp(min=0),
+                         (cand_box[..., 1] + window).clamp(max=width - 1),
+                         (cand_box[..., 2] - window).clamp(min=0),
+                         (cand_box[..., 3] + window).clamp(max=height - 1)], -1)
+    few = count <= LOCAL_CANDIDATES
+    if not bool(few.any()):
+        return grown
+    n_cand = int(count[few].max())
+    # The first n_cand possible cells of every row (padding flagged invalid).
+    order = possible.to(torch.int8).sort(dim=-1, descending=True, stable=True)
+    cand = order.indices[..., :n_cand]  # (N, K, L)
+    valid = order.values[..., :n_cand].bool() & few[..., None]
+    up_c, lo_c, up_err, lo_err = _relu_weight_corners(centre, radius, boxes)
+    off = torch.arange(-window, window + 1, device=centre.device)
+    dv, du = torch.meshgrid(off, off, indexing='ij')
+    du, dv = du.reshape(-1), dv.reshape(-1)  # (m,) row-major window offsets
+    pu, pv = cand % width, cand // width
+    wu = pu[..., None] + du
+    wv = pv[..., None] + dv
+    inside = (wu >= 0) & (wu < width) & (wv >= 0) & (wv < height)  # (N, K, L, m)
+    cells = torch.where(inside, wv * width + wu, 0)
+    n_rows, k_kp, n_l, m = cells.shape
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        idx = cells.reshape(n_rows, 1, k_kp, n_l * m).expand(-1, 4, -1, -1)
+        out = t.gather(3, idx).view(n_rows, 4, k_kp, n_l, m)
+        return out.masked_fill(~inside[:, None], 0.0).reshape(n_rows, 4, k_kp * n_l, m)
+
+    up_w, lo_w, up_e, lo_e = (gather(t) for t in (up_c, lo_c, up_err, lo_err))
+    vanish = _vanishing(lo_w, lo_e).view(n_rows, k_kp, n_l)
+    out = []
+    for offsets, base in ((du, pu), (dv, pv)):
+        for sign in (-1.0, 1.0):
+            values, index = _groups(offsets.to(centre.dtype) * sign)
+            g = values.shape[0]
+            grouped = [_group_sum(t, index, g).flip(-1) for t in (up_w, lo_w, up_e, lo_e)]
+            c = values.flip(0).expand(n_rows, k_kp * n_l, g)
+            best = sign * _smallest_threshold(*grouped, c, values, m).view(n_rows, k_kp, n_l)
+            # The fallback (the window's own centre p, offset 0) where the mass may vanish.
+            zero = torch.zeros_like(best)
+            joined = torch.maximum(best, zero) if sign > 0 else torch.minimum(best, zero)
+            best = torch.where(vanish, joined, best)
+            coord = base.to(centre.dtype) + best + sign * COORD_SLACK
+            fill = -torch.inf if sign > 0 else torch.inf
+            coord = torch.where(valid, coord, fill)
+            out.append(coord.amax(-1) if sign > 0 else coord.amin(-1))
+    local = torch.stack(out, -1)
+    # Each window's centroid also lies inside the window (clipped to the heatmap).
+    local = torch.stack([torch.maximum(local[..., 0], grown[..., 0]),
+                         torch.minimum(local[..., 1], grown[..., 1]),
+                         torch.maximum(local[..., 2], grown[..., 2]),
+                         torch.minimum(local[..., 3], grown[..., 3])], -1)
+    return torch.where(few[..., None], local, grown)
+
+
+def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,
+                    witnesses: int = 4) -> torch.Tensor:
+    """(N, K, n) mask of the cells that may be the argmax somewhere in each sub-box."""
     theta = torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
     k = min(witnesses, centre.shape[-1])
     cand = torch.cat([reference_cells(centre, boxes)[..., None],
@@ -309,10 +405,21 @@ def argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tenso
         # Argmax ignores the heatmap's scale: the slack is relative to its largest logit.
         slack = LOGIT_SLACK * (scale + mag + mag.gather(2, j[:, :, None]))
         possible &= ~(form_range(gap, boxes)[0] > slack)
+    return possible
+
+
+def _cell_box(mask: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(N, K, 4) bounding box [u_lo, u_hi, v_lo, v_hi] of the cells in ``mask`` (N, K, n)."""
     gu, gv = grid
     inf = torch.tensor(torch.inf, dtype=gu.dtype, device=gu.device)
-    u_lo = torch.where(possible, gu, inf).min(-1).values
-    u_hi = torch.where(possible, gu, -inf).max(-1).values
-    v_lo = torch.where(possible, gv, inf).min(-1).values
-    v_hi = torch.where(possible, gv, -inf).max(-1).values
+    u_lo = torch.where(mask, gu, inf).min(-1).values
+    u_hi = torch.where(mask, gu, -inf).max(-1).values
+    v_lo = torch.where(mask, gv, inf).min(-1).values
+    v_hi = torch.where(mask, gv, -inf).max(-1).values
     return torch.stack([u_lo, u_hi, v_lo, v_hi], -1)
+
+
+def argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                  grid: tuple[torch.Tensor, torch.Tensor], *, witnesses: int = 4) -> torch.Tensor:
+    """(N, K, 4) box in heatmap cells holding every cell that may be the argmax per sub-box."""
+    return _cell_box(possible_argmax(centre, radius, boxes, witnesses=witnesses), grid)

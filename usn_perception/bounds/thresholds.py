@@ -25,7 +25,7 @@ from usn_perception.bounds.box import PhotometricBox
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 
 #: Readouts that are invariant to scaling every heatmap by the same α > 0.
-SCALE_FREE_READOUTS = ('centroid', 'argmax')
+SCALE_FREE_READOUTS = ('centroid', 'local-centroid', 'argmax')
 
 
 def is_homogeneous(net: CompiledNetwork) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 #: Choices for ``--readout`` / ``--arch``, spelled out so that ``--help`` needs no torch import;
 #: test/test_cli.py checks them against ``usn_perception.network``.
-READOUT_CHOICES = ('centroid', 'soft-argmax', 'argmax')
+READOUT_CHOICES = ('centroid', 'local-centroid', 'soft-argmax', 'argmax')
 ARCH_CHOICES = ('homogeneous', 'plain')
 
 Command = Callable[[argparse.Namespace], int]
