@@ -79,3 +79,17 @@ def test_missing_data_names_the_file(setup, tmp_path, capsys):
                  str(tmp_path / 'none.json'), '--out', str(tmp_path / 'r')])
     assert code == 1
     assert 'none.json' in capsys.readouterr().err
+
+
+def test_models_are_labelled_by_name_and_numbered_only_when_names_repeat():
+    from types import SimpleNamespace
+
+    from usn_perception.certify_report import _labels
+
+    def det(path):
+        return SimpleNamespace(source=path)
+
+    assert _labels([det('m/default/model.json'), det('m/unpruned/model.json')]) == [
+        'default', 'unpruned']
+    assert _labels([det('a/default/model.json'), det('b/default/model.json'), det(None),
+                    det('x/tiny.json')]) == ['default', 'default#1', 'model', 'tiny']

@@ -21,10 +21,17 @@ from usn_perception.reports import (
 from usn_perception.visualize import draw_keypoints, tile
 
 
-def _label(detector, i: int) -> str:
+def _name(detector) -> str:
+    """A model's folder name (``models/default/model.json`` → ``default``), or its file stem."""
     src = Path(detector.source) if detector.source else None
-    name = (src.parent.name if src and src.name == 'model.json' else src.stem) if src else 'model'
-    return f'{name}' if i == 0 else f'{name}#{i}'
+    return (src.parent.name if src.name == 'model.json' else src.stem) if src else 'model'
+
+
+def _labels(detectors: Sequence) -> list[str]:
+    """One label per model: its name, with ``#i`` only where another model has the same name."""
+    names = [_name(d) for d in detectors]
+    return [n if names.count(n) == 1 or names.index(n) == i else f'{n}#{i}'
+            for i, n in enumerate(names)]
 
 
 def write_certify_report(
@@ -43,9 +50,9 @@ def write_certify_report(
     data_path: str | Path | None = None,
 ) -> dict:
     """Certify each detector on ``dataset`` and write the report into ``out`` atomically."""
-    per_model, runs, labels = [], [], []
-    for i, det in enumerate(detectors):
-        label = _label(det, i)
+    per_model, runs = [], []
+    labels = _labels(detectors)
+    for det, label in zip(detectors, labels, strict=True):
         run = certify_dataset(det, dataset, box, method=method, budget=budget, limit=limit,
                               progress=progress, desc=f'certify {label}')
         s = run.summary(tolerances)
@@ -53,7 +60,6 @@ def write_certify_report(
                  parameters=det.num_parameters, readout=det.readout)
         per_model.append(s)
         runs.append(run)
-        labels.append(label)
 
     sweep_rows = {}
     if sweep:
