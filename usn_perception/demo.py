@@ -4,7 +4,7 @@ Every step reuses the code behind one CLI command, so the demo shows what the to
 
 1. render a fresh synthetic set (``make-dataset``; its test split uses background photos the
    training split never saw);
-2. clean accuracy of every shipped model on the whole test split, and certification of the
+2. clean accuracy of the shipped models on the whole test split, and certification of the
    models side by side on its first ``images`` images over the offline box (``certify`` with
    several ``--model``);
 3. a bag: the first ``frames`` frames of the real ViSP ``mire-2`` sequence (pseudo-labelled)
@@ -107,7 +107,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return its summary (also ``out/summary.json``).
 
-    ``models`` default to every model ``usn-perception models`` lists (the shipped ones).
+    ``models`` default to the shipped default and its unpruned source (:func:`_load_models`).
     A folder the demo wrote before is replaced part by part; any other non-empty folder is
     refused. ``summary['ok']`` is False when the replayed node disagreed with the offline
     evaluation.
@@ -218,7 +218,12 @@ def _check_ros() -> None:
 
 
 def _load_models(models: Sequence[str | Path] | None) -> list:
-    """The detectors to compare: ``models``, or every model found (``default`` first)."""
+    """The detectors to compare: ``models``, or the shipped default and its unpruned source.
+
+    Without ``models``: ``default`` plus every found model whose sha256 is the one the
+    default's pruning metadata names as its source; every found model (``default`` first)
+    when the default is not a pruned model.
+    """
     from usn_perception.detector import load_detector
     from usn_perception.model_io import find_models
 
@@ -227,11 +232,17 @@ def _load_models(models: Sequence[str | Path] | None) -> list:
     if not paths:
         raise DemoError('no models found (usn-perception models lists none); pass --model')
     try:
-        return [load_detector(p) for p in paths]
+        detectors = [load_detector(p) for p in paths]
     except ValueError as e:
         if isinstance(e, UsnPerceptionError):
             raise
         raise DemoError(str(e)) from e
+    if models:
+        return detectors
+    source = (detectors[0].metadata.get('pruning') or {}).get('source', {}).get('sha256')
+    if _model_name(paths[0]) != 'default' or source is None:
+        return detectors
+    return [detectors[0]] + [d for d in detectors[1:] if d.sha256 == source]
 
 
 def _model_name(path: str | Path) -> str:

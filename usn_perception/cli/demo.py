@@ -15,8 +15,8 @@ def _cfg_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', type=Path, default=Path('demo_output'),
                    help='output folder (default demo_output; a rerun replaces its parts)')
     p.add_argument('--model', type=Path, action='append', default=None,
-                   help='model to compare (repeat for several; default: every model '
-                        '`usn-perception models` lists, default first)')
+                   help='model to compare (repeat for several; default: the shipped default '
+                        'and the unpruned model it was pruned from)')
     p.add_argument('--fast', action='store_true',
                    help='small sizes for a quick look: ' + ', '.join(
                        f'--{k} {v}' for k, v in FAST.items()) + ' (explicit options win)')
@@ -40,7 +40,7 @@ def _cfg_demo(p: argparse.ArgumentParser) -> None:
 @command('demo', 'the main job: shipped models side by side, certified, on images and a bag',
          'usn-perception demo --out demo_output --images 10 --frames 120', _cfg_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Render a fresh test set, certify every shipped model, evaluate and replay a bag.
+    """Render a fresh test set, certify the shipped models, evaluate and replay a bag.
 
     Prints a summary table (models side by side: clean PCK, certified accuracy at τ, median
     box width, ms per image; the bag: frames, certified fraction, replay match) and writes
