@@ -438,27 +438,15 @@ def _replay_step(out: Path, bag: dict, detector, opts: DemoOptions,
 def debug_picture(frame: np.ndarray, out_frame, *, scale: int = 1) -> np.ndarray:
     """The node's ``~/debug_image`` drawing of one recorded output frame (BGR uint8).
 
-    Nominal keypoints with their certified boxes (green certified, red not) and Θ as text, as
-    :meth:`usn_perception.ros.node.UsnPerceptionNode.debug_image` draws them; the text sits
-    on a dark band here so that it stays legible on bright frames.
+    The same drawing as :meth:`usn_perception.ros.node.UsnPerceptionNode.debug_image`
+    (:func:`usn_perception.visualize.draw_certificate`), from what the node published.
     """
-    import cv2
-
     from usn_perception.certify import CertStatus
-    from usn_perception.visualize import WHITE, draw_keypoints
+    from usn_perception.visualize import draw_certificate
 
     certified = np.asarray(out_frame.status) == int(CertStatus.CERTIFIED)
-    (a_lo, a_hi), (b_lo, b_hi) = out_frame.alpha, out_frame.beta
-    lines = (f'alpha [{a_lo:.3f}, {a_hi:.3f}] beta [{b_lo:+.3f}, {b_hi:+.3f}]',
-             f'{int(certified.sum())}/{certified.size} certified')
-    bgr = frame[:, :, ::-1] if frame.ndim == 3 else frame
-    canvas = draw_keypoints(bgr, np.asarray(out_frame.keypoints, np.float64),
-                            boxes=out_frame.boxes, certified=certified, scale=scale)
-    cv2.rectangle(canvas, (0, 0), (canvas.shape[1] - 1, 8 + 16 * len(lines)), (0, 0, 0), -1)
-    for i, line in enumerate(lines):
-        cv2.putText(canvas, line, (6, 16 + 16 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, WHITE, 1,
-                    cv2.LINE_AA)
-    return canvas
+    return draw_certificate(frame, out_frame.keypoints, out_frame.boxes, certified,
+                            out_frame.alpha, out_frame.beta, scale=scale)
 
 
 def _debug_images(out: Path, bag: Path, outputs: Path, count: int) -> list[str]:

@@ -80,6 +80,29 @@ def draw_keypoints(
     return canvas
 
 
+def draw_certificate(
+    frame: np.ndarray,
+    keypoints: np.ndarray,
+    boxes: np.ndarray,
+    certified: Sequence[bool],
+    alpha: Sequence[float],
+    beta: Sequence[float],
+    *,
+    mode: str = '',
+    scale: int = 1,
+) -> np.ndarray:
+    """The node's ``~/debug_image``: keypoints, boxes (green certified, red not), Θ as text.
+
+    ``frame`` is gray or RGB (the node's decoded channel order); the result is BGR uint8.
+    """
+    bgr = frame[:, :, ::-1] if frame.ndim == 3 else frame
+    ok = np.asarray(certified, dtype=bool)
+    text = (f'alpha [{alpha[0]:.3f}, {alpha[1]:.3f}] beta [{beta[0]:+.3f}, {beta[1]:+.3f}]'
+            + (f' {mode}' if mode else '') + f'\n{int(ok.sum())}/{ok.size} certified')
+    return draw_keypoints(bgr, np.asarray(keypoints, np.float64), boxes=boxes, certified=ok,
+                          text=text, scale=scale)
+
+
 def tile(images: Sequence[np.ndarray], columns: int = 3) -> np.ndarray:
     """Tile equally-sized BGR images into a grid (blank cells pad the last row)."""
     if not images:

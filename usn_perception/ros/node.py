@@ -444,15 +444,11 @@ class UsnPerceptionNode(LifecycleNode):
 
     def debug_image(self, frame: np.ndarray, result: FrameResult, header: Any = None) -> Image:
         """bgr8 picture: nominal keypoints, certified boxes green, the rest red, Θ as text."""
-        from usn_perception.visualize import draw_keypoints
+        from usn_perception.visualize import draw_certificate
 
         est = result.interval
-        bgr = frame[:, :, ::-1] if frame.ndim == 3 else frame
-        text = (f'alpha [{est.alpha[0]:.3f}, {est.alpha[1]:.3f}] '
-                f'beta [{est.beta[0]:+.3f}, {est.beta[1]:+.3f}] {est.mode}\n'
-                f'{int(result.certified.sum())}/{result.status.size} certified')
-        canvas = draw_keypoints(bgr, result.keypoints, boxes=result.boxes,
-                                certified=result.certified, text=text)
+        canvas = draw_certificate(frame, result.keypoints, result.boxes, result.certified,
+                                  est.alpha, est.beta, mode=est.mode)
         return numpy_to_image(canvas, 'bgr8', header)
 
     # ------------------------------------------------------------------ outputs
