@@ -14,7 +14,9 @@ def test_draw_certificate_colours_boxes_by_status_and_prints_the_box():
     boxes = np.array([[15.0, 25.0, 35.0, 45.0], [55.0, 65.0, 35.0, 45.0]])
     canvas = draw_certificate(frame, kps, boxes, [True, False], (0.95, 1.05), (-0.03, 0.03),
                               mode='measured')
+
     assert canvas.shape == (60, 80, 3) and canvas.dtype == np.uint8
+
     def has(colour, region):  # some pixel of the region is (nearly) that colour
         return bool((np.abs(region.astype(int) - colour).max(-1) < 30).any())
 
