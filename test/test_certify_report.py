@@ -84,7 +84,7 @@ def test_missing_data_names_the_file(setup, tmp_path, capsys):
 def test_models_are_labelled_by_name_and_numbered_only_when_names_repeat():
     from types import SimpleNamespace
 
-    from usn_perception.certify_report import _labels
+    from usn_perception.certify_report import model_labels as _labels
 
     def det(path):
         return SimpleNamespace(source=path)

@@ -10,6 +10,7 @@ import cv2
 from usn_perception.certify import Budget, CertStatus, PhotometricBox, certify_keypoints
 from usn_perception.certify_dataset import ROW_FIELDS, certify_dataset
 from usn_perception.evaluation import box_widths
+from usn_perception.model_io import model_name
 from usn_perception.reports import (
     markdown_table,
     plot_histograms,
@@ -21,15 +22,9 @@ from usn_perception.reports import (
 from usn_perception.visualize import draw_keypoints, tile
 
 
-def _name(detector) -> str:
-    """A model's folder name (``models/default/model.json`` → ``default``), or its file stem."""
-    src = Path(detector.source) if detector.source else None
-    return (src.parent.name if src.name == 'model.json' else src.stem) if src else 'model'
-
-
-def _labels(detectors: Sequence) -> list[str]:
+def model_labels(detectors: Sequence) -> list[str]:
     """One label per model: its name, with ``#i`` only where another model has the same name."""
-    names = [_name(d) for d in detectors]
+    names = [model_name(d.source) for d in detectors]
     return [n if names.count(n) == 1 or names.index(n) == i else f'{n}#{i}'
             for i, n in enumerate(names)]
 
@@ -51,7 +46,7 @@ def write_certify_report(
 ) -> dict:
     """Certify each detector on ``dataset`` and write the report into ``out`` atomically."""
     per_model, runs = [], []
-    labels = _labels(detectors)
+    labels = model_labels(detectors)
     for det, label in zip(detectors, labels, strict=True):
         run = certify_dataset(det, dataset, box, method=method, budget=budget, limit=limit,
                               progress=progress, desc=f'certify {label}')

@@ -225,10 +225,10 @@ def _load_models(models: Sequence[str | Path] | None) -> list:
     when the default is not a pruned model.
     """
     from usn_perception.detector import load_detector
-    from usn_perception.model_io import find_models
+    from usn_perception.model_io import find_models, model_name
 
     paths = list(models) if models else sorted(
-        find_models(), key=lambda p: (_model_name(p) != 'default', _model_name(p)))
+        find_models(), key=lambda p: (model_name(p) != 'default', model_name(p)))
     if not paths:
         raise DemoError('no models found (usn-perception models lists none); pass --model')
     try:
@@ -240,25 +240,15 @@ def _load_models(models: Sequence[str | Path] | None) -> list:
     if models:
         return detectors
     source = (detectors[0].metadata.get('pruning') or {}).get('source', {}).get('sha256')
-    if _model_name(paths[0]) != 'default' or source is None:
+    if model_name(paths[0]) != 'default' or source is None:
         return detectors
     return [detectors[0]] + [d for d in detectors[1:] if d.sha256 == source]
 
 
-def _model_name(path: str | Path) -> str:
-    p = Path(path)
-    return p.parent.name if p.name == 'model.json' else p.stem if p.suffix else p.name
-
-
 def _name(detector) -> str:
-    return _model_name(detector.source) if detector.source else 'model'
+    from usn_perception.model_io import model_name
 
-
-def _unique_names(detectors: Sequence) -> list[str]:
-    """Folder names of the models, with ``#2``, ``#3`` … where a name repeats."""
-    names = [_name(d) for d in detectors]
-    return [n if names.count(n) == 1 else f'{n}#{names[:i + 1].count(n)}'
-            for i, n in enumerate(names)]
+    return model_name(detector.source)
 
 
 # ----------------------------------------------------------------------------- models
@@ -276,7 +266,7 @@ def _models_step(out: Path, detectors: Sequence, test, box, opts: DemoOptions,
     import cv2
     from tqdm import tqdm
 
-    from usn_perception.certify_report import write_certify_report
+    from usn_perception.certify_report import model_labels, write_certify_report
     from usn_perception.evaluation import accuracy_summary
     from usn_perception.visualize import draw_keypoints, tile
 
@@ -296,7 +286,7 @@ def _models_step(out: Path, detectors: Sequence, test, box, opts: DemoOptions,
         out / 'certify', detectors, test, box, tolerances=opts.tolerances,
         limit=opts.images, progress=progress, data_path=out / 'data' / 'test' / 'annotations.json')
     rows = []
-    for name, det, acc, cert in zip(_unique_names(detectors), detectors, clean,
+    for name, det, acc, cert in zip(model_labels(detectors), detectors, clean,
                                     report['models'], strict=True):
         rows.append({
             'name': name, 'report_label': cert['model'], 'path': det.source,

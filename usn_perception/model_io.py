@@ -139,6 +139,14 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Sequential, DetectorConfig, 
     return net, config, doc
 
 
+def model_name(path: str | os.PathLike | None) -> str:
+    """How reports name a model: its folder for ``…/NAME/model.json``, else the file stem."""
+    if path is None:
+        return 'model'
+    p = Path(path)
+    return p.parent.name if p.name == 'model.json' else p.stem if p.suffix else p.name
+
+
 def default_model_dirs() -> list[Path]:
     """Where shipped models are looked for, in order.
 

@@ -310,6 +310,13 @@ def _hull(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                        -1)
 
 
+def _intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Largest [u_lo, u_hi, v_lo, v_hi] boxes inside both ``a`` and ``b`` (..., 4)."""
+    return torch.stack([torch.maximum(a[..., 0], b[..., 0]), torch.minimum(a[..., 1], b[..., 1]),
+                        torch.maximum(a[..., 2], b[..., 2]), torch.minimum(a[..., 3], b[..., 3])],
+                       -1)
+
+
 #: Most argmax candidates per keypoint and sub-box that get their own window bound; with
 #: more, the local centroid is bounded by the candidates' bounding box grown by the radius.
 LOCAL_CANDIDATES = 16
@@ -382,11 +389,7 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
             out.append(coord.amax(-1) if sign > 0 else coord.amin(-1))
     local = torch.stack(out, -1)
     # Each window's centroid also lies inside the window (clipped to the heatmap).
-    local = torch.stack([torch.maximum(local[..., 0], grown[..., 0]),
-                         torch.minimum(local[..., 1], grown[..., 1]),
-                         torch.maximum(local[..., 2], grown[..., 2]),
-                         torch.minimum(local[..., 3], grown[..., 3])], -1)
-    return torch.where(few[..., None], local, grown)
+    return torch.where(few[..., None], _intersect(local, grown), grown)
 
 
 def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,

@@ -123,18 +123,18 @@ def _cfg_models(p: argparse.ArgumentParser) -> None:
          'usn-perception models --json', _cfg_models)
 def cmd_models(args: argparse.Namespace) -> int:
     """Name, path, parameters and sha256 of every model found."""
-    from usn_perception.model_io import find_models, load_model
+    from usn_perception.model_io import find_models, load_model, model_name
     from usn_perception.network import count_parameters
 
     rows = []
     for path in find_models():
         try:
             net, config, doc = load_model(path)
-            rows.append({'name': path.parent.name if path.name == 'model.json' else path.stem,
+            rows.append({'name': model_name(path),
                          'path': str(path), 'parameters': count_parameters(net),
                          'widths': list(config.widths), 'sha256': doc['weights_sha256']})
         except UsnPerceptionError as e:
-            rows.append({'name': path.parent.name, 'path': str(path), 'error': str(e)})
+            rows.append({'name': model_name(path), 'path': str(path), 'error': str(e)})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
