@@ -48,6 +48,9 @@ METHODS = ('forward', 'ibp')
 COORDINATES = ('auto', 'theta', 'thresholds')
 #: Clipped input values that keep a symbol of their own (see ``ImageEncoding.forms``).
 GENERATORS = 0
+#: Sub-boxes whose input stage and readout bound are computed together (memory: the input
+#: forms of a group are ~4 · GROUP · network-input pixels float64 values).
+GROUP = 16
 #: Per-frame budget for the ROS node: a fixed amount of work, so replays are deterministic.
 NODE_BUDGET = Budget(max_subboxes=3)
 #: Offline (reports, evaluation): tight boxes at a few seconds per image.
@@ -125,18 +128,28 @@ class _Evaluator:
         self.generators = generators
         self.thresholds = thresholds  # sub-boxes are (τ, κ) boxes, see bounds.thresholds
 
-    def _bound(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
+    def _inputs(self, part: torch.Tensor, relu: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.thresholds:
             stage = self.enc.threshold_intervals if relu == 'interval' else (
                 self.enc.threshold_forms)
-            c, r = stage(part)
-        elif relu == 'interval':
-            c, r = self.enc.intervals(part)
-        else:
-            c, r = self.enc.forms(part, self.generators)
-        c, r, unstable = propagate(self.net, c, r, part, relu=relu, deadline=deadline)
-        self.unstable += int(unstable.sum())
-        c, r = collapse_generators(c.flatten(3), r.flatten(3))
+            return stage(part)
+        if relu == 'interval':
+            return self.enc.intervals(part)
+        return self.enc.forms(part, self.generators)
+
+    def _bound(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
+        # The input stage and the readout bound cost the same whatever the network's width,
+        # so they run once per group of sub-boxes; the network, per chunk (see _chunk_size).
+        c_in, r_in = self._inputs(part, relu)
+        outs = []
+        for start in range(0, part.shape[0], self.chunk):
+            rows = slice(start, start + self.chunk)
+            c, r, unstable = propagate(self.net, c_in[rows], r_in[rows], part[rows],
+                                       relu=relu, deadline=deadline)
+            self.unstable += int(unstable.sum())
+            outs.append(collapse_generators(c.flatten(3), r.flatten(3)))
+        c = torch.cat([o[0] for o in outs])
+        r = torch.cat([o[1] for o in outs])
         bound_readout = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
                          'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}[self.readout]
         bounds = bound_readout(c, r, part, self.grid)
@@ -146,7 +159,7 @@ class _Evaluator:
 
     def __call__(self, boxes: torch.Tensor, deadline: float | None) -> tuple:
         bounds, est = [], []
-        for part in boxes.split(self.chunk):
+        for part in boxes.split(max(self.chunk, GROUP)):
             b, e = self._bound(part, self.relu, deadline)
             bounds.append(b)
             est.append(e)

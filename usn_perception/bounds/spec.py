@@ -46,10 +46,15 @@ def _gather_cells(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(3, idx[:, None, :, None].expand(t.shape[0], t.shape[1], -1, 1))
 
 
+def logit_range(centre: torch.Tensor, radius: torch.Tensor,
+                boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, n) each: the smallest and largest value of each logit over its sub-box."""
+    return form_range(lower(centre, radius), boxes)[0], form_range(upper(centre, radius), boxes)[1]
+
+
 def logit_slack(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(N, K, n) magnitude bound max(|lower|, |upper|) of each logit over its sub-box."""
-    lo = form_range(lower(centre, radius), boxes)[0]
-    hi = form_range(upper(centre, radius), boxes)[1]
+    lo, hi = logit_range(centre, radius, boxes)
     return torch.maximum(lo.abs(), hi.abs())
 
 
@@ -247,16 +252,22 @@ def soft_argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.
     return torch.stack([lo_u, hi_u, lo_v, hi_v], -1)
 
 
-def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor,
-                         boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                         mag: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Upper/lower affine bounds of r_i = relu(h_i) at the sub-box corners, with error scales.
 
     Returns ``(up_c, lo_c, up_err, lo_err)``, each (N, 4, K, n). The rounding slack of the
     logits is relative to the heatmap's largest logit magnitude (centroids ignore the scale).
+    Everything is per cell, so a caller that needs only some cells may pass their gathered
+    forms with their magnitudes ``mag`` and the whole heatmap's ``scale`` (N, K, 1).
     """
-    mag = logit_slack(centre, radius, boxes)
+    if mag is None:
+        mag = logit_slack(centre, radius, boxes)
+    if scale is None:
+        scale = mag.amax(-1, keepdim=True)
     radius = radius.clone()
-    radius[:, 0] += LOGIT_SLACK * (mag + mag.amax(-1, keepdim=True))
+    radius[:, 0] += LOGIT_SLACK * (mag + scale)
     rc, rr, _ = relu_forms(centre, radius, boxes, 'parallel')
     up_form, lo_form = upper(rc, rr), lower(rc, rr)
     up_c = form_corners(up_form, boxes)  # (N, 4, K, n)
@@ -338,7 +349,9 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     gu, gv = grid
     width = int(gu.max().item()) + 1
     height = int(gv.max().item()) + 1
-    possible = possible_argmax(centre, radius, boxes)  # (N, K, n)
+    lo, hi = logit_range(centre, radius, boxes)
+    mag = torch.maximum(lo.abs(), hi.abs())
+    possible = possible_argmax(centre, radius, boxes, ranges=(lo, hi))  # (N, K, n)
     count = possible.sum(-1)  # (N, K)
     cand_box = _cell_box(possible, grid)
     grown = torch.stack([(cand_box[..., 0] - window).clamp(min=0),
@@ -350,10 +363,8 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
         return grown
     n_cand = int(count[few].max())
     # The first n_cand possible cells of every row (padding flagged invalid).
-    order = possible.to(torch.int8).sort(dim=-1, descending=True, stable=True)
-    cand = order.indices[..., :n_cand]  # (N, K, L)
-    valid = order.values[..., :n_cand].bool() & few[..., None]
-    up_c, lo_c, up_err, lo_err = _relu_weight_corners(centre, radius, boxes)
+    cand, valid = _first_cells(possible, n_cand)  # (N, K, L)
+    valid = valid & few[..., None]
     off = torch.arange(-window, window + 1, device=centre.device)
     dv, du = torch.meshgrid(off, off, indexing='ij')
     du, dv = du.reshape(-1), dv.reshape(-1)  # (m,) row-major window offsets
@@ -363,13 +374,16 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     inside = (wu >= 0) & (wu < width) & (wv >= 0) & (wv < height)  # (N, K, L, m)
     cells = torch.where(inside, wv * width + wu, 0)
     n_rows, k_kp, n_l, m = cells.shape
+    # The relu weights are per cell: bound them on the window cells only.
+    flat = cells.reshape(n_rows, k_kp, n_l * m)
+    weights = _relu_weight_corners(_gather_many(centre, flat), _gather_many(radius, flat), boxes,
+                                   mag.gather(2, flat), mag.amax(-1, keepdim=True))
 
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        idx = cells.reshape(n_rows, 1, k_kp, n_l * m).expand(-1, 4, -1, -1)
-        out = t.gather(3, idx).view(n_rows, 4, k_kp, n_l, m)
-        return out.masked_fill(~inside[:, None], 0.0).reshape(n_rows, 4, k_kp * n_l, m)
+    def window_view(t: torch.Tensor) -> torch.Tensor:
+        out = t.view(n_rows, 4, k_kp, n_l, m).masked_fill(~inside[:, None], 0.0)
+        return out.reshape(n_rows, 4, k_kp * n_l, m)
 
-    up_w, lo_w, up_e, lo_e = (gather(t) for t in (up_c, lo_c, up_err, lo_err))
+    up_w, lo_w, up_e, lo_e = (window_view(t) for t in weights)
     vanish = _vanishing(lo_w, lo_e).view(n_rows, k_kp, n_l)
     out = []
     for offsets, base in ((du, pu), (dv, pv)):
@@ -392,23 +406,53 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     return torch.where(few[..., None], _intersect(local, grown), grown)
 
 
+def _gather_many(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather cells: t (N, k, K, n), idx (N, K, S) → (N, k, K, S)."""
+    return t.gather(3, idx[:, None].expand(-1, t.shape[1], -1, -1))
+
+
+def _first_cells(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (N, K, count) of the first ``count`` set cells of each row, and which are set."""
+    order = mask.to(torch.int8).sort(dim=-1, descending=True, stable=True)
+    return order.indices[..., :count], order.values[..., :count].bool()
+
+
 def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,
-                    witnesses: int = 4) -> torch.Tensor:
-    """(N, K, n) mask of the cells that may be the argmax somewhere in each sub-box."""
+                    witnesses: int = 4,
+                    ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, K, n) mask of the cells that may be the argmax somewhere in each sub-box.
+
+    Cell i is excluded when a witness j (the reference cell and the ``witnesses`` best lower
+    bounds at the box centre) satisfies min_θ (h_j − h_i)(θ) > slack. The comparison of
+    concrete ranges, min h_j − max h_i > slack, implies that test and costs nothing per θ, so it
+    runs first on the whole heatmap and the forms are compared on the survivors only: the
+    mask is the same as testing every cell with forms. ``ranges`` is :func:`logit_range`,
+    when the caller has it.
+    """
     theta = torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
     k = min(witnesses, centre.shape[-1])
     cand = torch.cat([reference_cells(centre, boxes)[..., None],
                       form_at(lower(centre, radius), theta).topk(k, -1).indices], -1)
-    mag = logit_slack(centre, radius, boxes)
+    lo, hi = logit_range(centre, radius, boxes) if ranges is None else ranges
+    mag = torch.maximum(lo.abs(), hi.abs())
     scale = mag.amax(-1, keepdim=True)
-    possible = torch.ones_like(mag, dtype=torch.bool)
+    # Argmax ignores the heatmap's scale: the slack is relative to its largest logit.
+    lo_w, mag_w = lo.gather(2, cand), mag.gather(2, cand)  # (N, K, W)
+    survive = torch.ones_like(mag, dtype=torch.bool)
+    for w in range(cand.shape[-1]):
+        slack = LOGIT_SLACK * (scale + mag + mag_w[..., w:w + 1])
+        survive &= ~(lo_w[..., w:w + 1] - hi > slack)
+    n_keep = int(survive.sum(-1).max())
+    idx, valid = _first_cells(survive, n_keep)  # (N, K, S)
+    c_i, r_i, mag_i = _gather_many(centre, idx), _gather_many(radius, idx), mag.gather(2, idx)
+    possible = valid.clone()
     for w in range(cand.shape[-1]):
         j = cand[..., w]
-        gap = lower(_gather_cells(centre, j) - centre, _gather_cells(radius, j) + radius)
-        # Argmax ignores the heatmap's scale: the slack is relative to its largest logit.
-        slack = LOGIT_SLACK * (scale + mag + mag.gather(2, j[:, :, None]))
+        gap = lower(_gather_cells(centre, j) - c_i, _gather_cells(radius, j) + r_i)
+        slack = LOGIT_SLACK * (scale + mag_i + mag_w[..., w:w + 1])
         possible &= ~(form_range(gap, boxes)[0] > slack)
-    return possible
+    out = torch.zeros_like(survive)
+    return out.scatter_(2, idx, possible)
 
 
 def _cell_box(mask: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
