@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 
-def _box_view(boxes: torch.Tensor, ndim: int) -> tuple[torch.Tensor, ...]:
+def box_view(boxes: torch.Tensor, ndim: int) -> tuple[torch.Tensor, ...]:
     """Centre and half-width of α and β, shaped to broadcast against an (N, *shape) tensor."""
     view = (-1,) + (1,) * (ndim - 1)
     ac = (0.5 * (boxes[:, 0] + boxes[:, 1])).view(view)
@@ -34,7 +34,7 @@ def form_range(form: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, t
     if form.shape[1] == 1:
         c = form[:, 0]
         return c, c
-    ac, ar, bc, br = _box_view(boxes, form.ndim - 1)
+    ac, ar, bc, br = box_view(boxes, form.ndim - 1)
     mid = form[:, 0] + form[:, 1] * ac + form[:, 2] * bc
     rad = form[:, 1].abs() * ar + form[:, 2].abs() * br
     if form.shape[1] > 3:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from usn_perception.bounds.forms import collapse_generators, form_range, lower, upper
+from usn_perception.bounds.forms import box_view, collapse_generators, form_range, lower, upper
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 
 RELU_MODES = ('parallel', 'adaptive', 'interval')
@@ -48,9 +48,40 @@ def _relu_interval(centre: torch.Tensor, radius: torch.Tensor) -> tuple:
     return 0.5 * (lo + hi), 0.5 * (hi - lo)
 
 
+def _parallel_relu(centre: torch.Tensor, radius: torch.Tensor,
+                   boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parallel relaxation for a constant radius, in as few passes over memory as it takes.
+
+    With lo⁻ = min(lo, 0) and up⁺ = max(up, 0) the slope s = up⁺ / (up⁺ − lo⁻) is the chord
+    slope on unstable neurons, exactly 1 on active and 0 on inactive ones, and the offset
+    −s·lo⁻/2 vanishes off the unstable ones: one formula, no masks. (A neuron pinned to 0 on
+    the whole sub-box, lo = up = 0, gets s = 0: the exact output 0.)
+    """
+    ac, ar, bc, br = box_view(boxes, centre.ndim - 1)
+    mid = centre[:, 0] + centre[:, 1] * ac
+    mid += centre[:, 2] * bc
+    span = centre[:, 1].abs() * ar
+    span += centre[:, 2].abs() * br
+    if centre.shape[1] > 3:
+        span += centre[:, 3:].abs().sum(1)
+    span += radius[:, 0]
+    lo_neg = (mid - span).clamp_(max=0.0)
+    up_pos = (mid + span).clamp_(min=0.0)
+    n_unstable = ((lo_neg < 0) & (up_pos > 0)).flatten(1).sum(1)
+    s = up_pos / (up_pos - lo_neg).clamp_(min=torch.finfo(up_pos.dtype).tiny)
+    offset = (s * lo_neg).mul_(-0.5)
+    c = centre * s[:, None]
+    c[:, 0] += offset
+    r = radius * s[:, None]
+    r[:, 0] += offset
+    return c, r, n_unstable
+
+
 def relu_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
                mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relax ReLU on each sub-box from the concrete pre-activation range [lo, up]."""
+    if mode == 'parallel' and radius.shape[1] == 1 and centre.shape[1] >= 3:
+        return _parallel_relu(centre, radius, boxes)
     if radius.shape[1] == 1:
         cmin, cmax = form_range(centre, boxes)
         lo, up = cmin - radius[:, 0], cmax + radius[:, 0]
