@@ -21,6 +21,7 @@ from usn_perception.bounds.box import Budget, PhotometricBox, box_centres
 from usn_perception.bounds.forms import collapse_generators, form_at
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
+from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
 from usn_perception.bounds.spec import (
     argmax_bounds,
@@ -117,7 +118,7 @@ class _Evaluator:
 
     def __init__(self, net: CompiledNetwork, enc: ImageEncoding, method: str, readout: str,
                  heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool,
-                 generators: int = 0, thresholds: bool = False) -> None:
+                 generators: int = 0, thresholds: bool = False, exact_values: int = 0) -> None:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
         self.relu = 'interval' if method == 'ibp' else relu
         self.grid = tuple(g.to(enc.device) for g in cell_grid(*heatmap_hw))
@@ -127,6 +128,9 @@ class _Evaluator:
         self.unstable = 0
         self.generators = generators
         self.thresholds = thresholds  # sub-boxes are (τ, κ) boxes, see bounds.thresholds
+        # Exact first linear stage (bounds.prefix): threshold coordinates only.
+        self.prefix = linear_prefix(net) if thresholds and exact_values > 0 else 0
+        self.exact_values = exact_values
 
     def _inputs(self, part: torch.Tensor, relu: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.thresholds:
@@ -140,12 +144,17 @@ class _Evaluator:
     def _bound(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
         # The input stage and the readout bound cost the same whatever the network's width,
         # so they run once per group of sub-boxes; the network, per chunk (see _chunk_size).
-        c_in, r_in = self._inputs(part, relu)
+        skip = 0
+        if self.prefix and relu != 'interval':
+            skip = self.prefix
+            c_in, r_in = prefix_forms(self.enc, self.net, part, skip, self.exact_values)
+        else:
+            c_in, r_in = self._inputs(part, relu)
         outs = []
         for start in range(0, part.shape[0], self.chunk):
             rows = slice(start, start + self.chunk)
             c, r, unstable = propagate(self.net, c_in[rows], r_in[rows], part[rows],
-                                       relu=relu, deadline=deadline)
+                                       relu=relu, deadline=deadline, start=skip)
             self.unstable += int(unstable.sum())
             outs.append(collapse_generators(c.flatten(3), r.flatten(3)))
         c = torch.cat([o[0] for o in outs])
@@ -210,6 +219,7 @@ def certify_keypoints(
     relu: str = 'parallel',
     generators: int = GENERATORS,
     coordinates: str = 'auto',
+    exact_values: int = EXACT_VALUES,
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -224,7 +234,11 @@ def certify_keypoints(
     ``coordinates``: 'theta' bounds over (α, β); 'thresholds' over the clip thresholds
     (τ, κ) = (−β/α, (1 − β)/α), valid for a homogeneous network (no bias or shift anywhere)
     and a scale-free readout (centroid, local-centroid, argmax), where it is exact on pieces cut
-    at pixel values; 'auto' (default) uses thresholds whenever they are valid. Raises
+    at pixel values; 'auto' (default) uses thresholds whenever they are valid.
+    ``exact_values``: in threshold coordinates, the clipped pixel values per sub-box (the
+    heaviest) whose effect on the first linear layers is bounded exactly, by evaluating them
+    at their breakpoints (:mod:`usn_perception.bounds.prefix`), instead of relaxing each
+    clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser). Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.
@@ -245,6 +259,8 @@ def certify_keypoints(
         raise ValueError(f'coordinates must be one of {COORDINATES}, got {coordinates!r}')
     if not (isinstance(generators, int) and generators >= 0):
         raise ValueError(f'generators must be a non-negative integer, got {generators!r}')
+    if not (isinstance(exact_values, int) and exact_values >= 0):
+        raise ValueError(f'exact_values must be a non-negative integer, got {exact_values!r}')
     if max_width_px is not None and not max_width_px > 0:
         raise ValueError(f'max_width_px must be positive, got {max_width_px}')
     deadline = None if budget.max_ms is None else t0 + budget.max_ms / 1000.0
@@ -260,9 +276,11 @@ def certify_keypoints(
     thresholds = root is not None
     evaluate = _Evaluator(net, enc, method, readout, (h_h, w_h), relu,
                           _chunk_size(net, 0 if thresholds else generators), ibp_root=True,
-                          generators=0 if thresholds else generators, thresholds=thresholds)
+                          generators=0 if thresholds else generators, thresholds=thresholds,
+                          exact_values=exact_values)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
              'coordinates': 'thresholds' if thresholds else 'theta',
+             'exact_values': exact_values if evaluate.prefix else 0,
              'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms}}
     splitter = partial(threshold_splits, values=enc.values,
                        weights=enc.value_weights) if thresholds else None

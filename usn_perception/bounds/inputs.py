@@ -169,15 +169,33 @@ class ImageEncoding:
         centre = out[:3 + g].transpose(0, 1).contiguous()
         return centre, out[3 + g][:, None].contiguous()
 
-    def threshold_forms(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def threshold_forms(self, boxes: torch.Tensor,
+                        only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward-mode input in clip-threshold coordinates (see ``bounds.thresholds``).
 
         Rows of ``boxes`` are [τ_lo, τ_hi, κ_lo, κ_hi]; the input is ``clip(x, τ, κ) − τ``.
+        ``only`` (V,) or (N, V) bool keeps the contribution of those values alone (the others
+        count 0), for every sub-box or per sub-box.
         """
         n = boxes.shape[0]
-        table = threshold_table(self.values, boxes).T.contiguous()
+        table = threshold_table(self.values, boxes)
+        if only is not None:
+            table = table * (only.repeat(4, 1) if only.ndim == 2 else only[None, :])
+        table = table.T.contiguous()
         out = self._gather(table).view(4, n, *self.shape)
         return out[:3].transpose(0, 1).contiguous(), out[3][:, None].contiguous()
+
+    def threshold_inputs(self, taus: torch.Tensor, kappas: torch.Tensor,
+                         skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Network inputs (P, 1, H, W) ``clip(x, τ, κ) − τ`` at the (τ, κ) points given.
+
+        ``skip`` (V,) or (P, V) bool leaves those values out (they count 0).
+        """
+        u = torch.clamp(self.values[None, :], min=taus[:, None], max=kappas[:, None])
+        u = u - taus[:, None]
+        if skip is not None:
+            u = u.masked_fill(skip if skip.ndim == 2 else skip[None, :], 0.0)
+        return self._gather(u.T.contiguous())
 
     def threshold_intervals(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """IBP input in clip-threshold coordinates: constant centre and radius forms."""

@@ -113,17 +113,18 @@ def relu_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
 
 
 def propagate(net: CompiledNetwork, centre: torch.Tensor, radius: torch.Tensor,
-              boxes: torch.Tensor, *, relu: str = 'parallel',
-              deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              boxes: torch.Tensor, *, relu: str = 'parallel', deadline: float | None = None,
+              start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Push (centre, radius) forms through ``net``; returns output forms and unstable counts.
 
     ``deadline`` is a ``time.perf_counter()`` value checked before every op; passing it raises
     :class:`BudgetExceeded` so a late batch is abandoned instead of overrunning the frame.
+    ``start`` skips the first ops: the forms given are already the output of ``ops[:start]``.
     """
     if relu not in RELU_MODES:
         raise ValueError(f'relu must be one of {RELU_MODES}, got {relu!r}')
     unstable = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
-    for op in net.ops:
+    for op in net.ops[start:]:
         if deadline is not None and time.perf_counter() > deadline:
             raise BudgetExceeded
         if isinstance(op, LinearOp):
