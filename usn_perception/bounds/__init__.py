@@ -5,7 +5,8 @@ Modules, one job each: :mod:`box` (the θ box, budgets, sub-box batches), :mod:`
 input), :mod:`layers` (network → supported ops, or a clear refusal), :mod:`propagate`
 (forward-mode linear bounds and IBP), :mod:`spec` (heatmap bounds → readout bounds),
 :mod:`split` (adaptive θ splitting), :mod:`thresholds` (clip-threshold coordinates for
-homogeneous networks), :mod:`attack` (the empirical falsifier),
+homogeneous networks), :mod:`prefix` (the exact first linear stage in those coordinates),
+:mod:`attack` (the empirical falsifier),
 :mod:`diagnostics` (per-layer bound growth and unstable ReLUs).
 """
 

@@ -92,8 +92,8 @@ def _split_values(row: tuple[float, ...], enc: ImageEncoding,
     return keep, amb & ~keep
 
 
-def _axis_plan(points: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, float,
-                                                                     torch.Tensor]:
+def _axis_plan(points: torch.Tensor,
+               inputs: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Input-space rise and deviations from the chord along one axis.
 
     ``points`` (B,) ascending breakpoints, ``inputs`` (B, 1, H, W) the network inputs there.
@@ -119,8 +119,9 @@ def _deviation_range(net: CompiledNetwork, n_ops: int,
     out = None
     for chunk in (dev_in.split(POINT_CHUNK) if dev_in.shape[0] else ()):
         c_lo, c_hi = torch.aminmax(_apply_prefix(net, n_ops, chunk, linear=True), dim=0)
-        out = (c_lo, c_hi) if out is None else (torch.minimum(out[0], c_lo),
-                                                  torch.maximum(out[1], c_hi))
+        if out is not None:
+            c_lo, c_hi = torch.minimum(out[0], c_lo), torch.maximum(out[1], c_hi)
+        out = (c_lo, c_hi)
     return out
 
 

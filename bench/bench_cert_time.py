@@ -1,0 +1,88 @@
+"""Certification time of several models, interleaved image by image, at one box and budget.
+
+The pruning target compares certification times of a pruned and an unpruned model "in the same
+run"; on a shared machine the fairest form of that is round-robin: every image is certified by
+every model back to back, so load changes hit all models alike. Also reports how many keypoint
+boxes come out under a width, per engine setting (``--exact-values``).
+
+    python bench/bench_cert_time.py --model models/default --model models/unpruned \\
+        --data W/data/test/annotations.json --first 20 --count 10 --exact-values 0,6,12
+
+Writes a markdown table (with this command line) to ``--out`` (default: stdout only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from usn_perception.certify import Budget, PhotometricBox, certify_keypoints  # noqa: E402
+from usn_perception.data.coco import load_coco  # noqa: E402
+from usn_perception.detector import load_detector  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, time every (setting, model) pair on every image, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', action='append', required=True)
+    parser.add_argument('--data', required=True, help='COCO keypoints JSON')
+    parser.add_argument('--first', type=int, default=0, help='first image index')
+    parser.add_argument('--count', type=int, default=10, help='number of images')
+    parser.add_argument('--alpha', default='0.8,1.2')
+    parser.add_argument('--beta', default='-0.1,0.1')
+    parser.add_argument('--budget', type=int, default=96, help='θ sub-boxes per image')
+    parser.add_argument('--exact-values', default='12', help='comma-separated settings')
+    parser.add_argument('--width', type=float, default=6.0, help='count boxes under this (px)')
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--out', type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    box = PhotometricBox(tuple(float(v) for v in args.alpha.split(',')),
+                         tuple(float(v) for v in args.beta.split(',')))
+    budget = Budget(max_subboxes=args.budget)
+    settings = [int(v) for v in args.exact_values.split(',')]
+    dataset = load_coco(args.data)
+    dets = [load_detector(m) for m in args.model]
+    seconds = np.zeros((len(settings), len(dets)))
+    narrow = np.zeros((len(settings), len(dets)), dtype=int)
+    warm = dataset.load_image(args.first)
+    for det in dets:
+        certify_keypoints(det, warm, box, budget=Budget(max_subboxes=4))
+    indices = range(args.first, min(args.first + args.count, len(dataset)))
+    for i in indices:
+        image = dataset.load_image(i)
+        for a, exact in enumerate(settings):
+            for j, det in enumerate(dets):
+                t0 = time.perf_counter()
+                cert = certify_keypoints(det, image, box, budget=budget, exact_values=exact)
+                seconds[a, j] += time.perf_counter() - t0
+                narrow[a, j] += int((cert.widths.max(1) < args.width).sum())
+    n = len(indices)
+    lines = [f'Command: `python bench/bench_cert_time.py {" ".join(sys.argv[1:])}`', '',
+             f'{n} images ({args.first}–{args.first + n - 1}), box α∈{box.alpha}, β∈{box.beta}, '
+             f'{args.budget} sub-boxes, {args.threads} thread(s), interleaved per image.', '',
+             '| exact_values | ' + ' | '.join(f'{m} s / image' for m in args.model)
+             + ' | time ratio (first / last) | ' + ' | '.join(
+                 f'{m} boxes < {args.width:g} px' for m in args.model) + ' |',
+             '|---' * (2 + 2 * len(dets)) + '|']
+    for a, exact in enumerate(settings):
+        ratio = seconds[a, 0] / seconds[a, -1]
+        lines.append(f'| {exact} | ' + ' | '.join(f'{t / n:.2f}' for t in seconds[a])
+                     + f' | {ratio:.3f} | ' + ' | '.join(str(c) for c in narrow[a]) + ' |')
+    text = '\n'.join(lines) + '\n'
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
