@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from usn_perception.certify import Budget
 from usn_perception.cli import main
 from usn_perception.data.synthetic import make_dataset
 from usn_perception.model_io import save_model
@@ -57,10 +59,37 @@ def test_certify_writes_a_complete_report(setup, tmp_path):
     assert not list(tmp_path.glob('.report.partial-*'))
 
 
+def test_exact_values_is_recorded_and_zero_reproduces_the_relaxed_engine(setup, tmp_path):
+    """--exact-values reaches certify_keypoints: 0 gives the same boxes as exact_values=0."""
+    from usn_perception.certify import EXACT_VALUES, PhotometricBox, certify_keypoints
+    from usn_perception.data.coco import load_coco
+    from usn_perception.detector import load_detector
+
+    _, data, models = setup
+    rows = {}
+    for n in (None, 0):
+        out = tmp_path / f'r{n}'
+        extra = [] if n is None else ['--exact-values', str(n)]
+        assert main(['--quiet', 'certify', '--model', str(models[0]), '--data', str(data),
+                     '--alpha', '0.8,1.2', '--beta', '-0.1,0.1', '--budget', '3', '--limit', '1',
+                     '--out', str(out), *extra]) == 0
+        summary = json.loads((out / 'summary.json').read_text())
+        assert summary['exact_values'] == (EXACT_VALUES if n is None else 0)
+        with open(out / 'keypoints.csv') as f:
+            rows[n] = [(r['u_lo'], r['u_hi'], r['v_lo'], r['v_hi']) for r in csv.DictReader(f)]
+    det = load_detector(models[0])
+    cert = certify_keypoints(det, load_coco(data).load_image(0),
+                             PhotometricBox((0.8, 1.2), (-0.1, 0.1)), budget=Budget(3),
+                             exact_values=0)
+    got = np.array([[float(v) for v in r] for r in rows[0]])
+    np.testing.assert_allclose(got, cert.boxes, rtol=1e-6)
+
+
 @pytest.mark.parametrize('args, problem', [
     (['--alpha', '1.2,0.8'], 'exceeds'),
     (['--alpha', '-1,1'], 'positive'),
     (['--budget', '0'], 'max_subboxes'),
+    (['--exact-values', '-1'], 'exact-values'),
 ])
 def test_bad_box_or_budget_fails_cleanly(setup, tmp_path, capsys, args, problem):
     _, data, models = setup

@@ -41,7 +41,8 @@ from usn_perception.network import READOUTS
 from usn_perception.readout import cell_grid, read_keypoints
 
 __all__ = [
-    'Budget', 'CertStatus', 'KeypointCertificate', 'METHODS', 'NODE_BUDGET', 'OFFLINE_BUDGET',
+    'Budget', 'CertStatus', 'EXACT_VALUES', 'KeypointCertificate', 'METHODS', 'NODE_BUDGET',
+    'OFFLINE_BUDGET',
     'PhotometricBox', 'certify_keypoints',
 ]
 

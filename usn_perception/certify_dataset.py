@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from usn_perception.certify import Budget, CertStatus, PhotometricBox, certify_keypoints
+from usn_perception.certify import (
+    EXACT_VALUES,
+    Budget,
+    CertStatus,
+    PhotometricBox,
+    certify_keypoints,
+)
 from usn_perception.evaluation import (
     box_max_distance,
     box_widths,
@@ -97,6 +103,7 @@ def certify_dataset(
     limit: int | None = None,
     progress: bool = True,
     desc: str = 'certify',
+    exact_values: int = EXACT_VALUES,
 ) -> CertifiedRun:
     """Predict and certify every image (up to ``limit``) of a labelled dataset."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -118,7 +125,7 @@ def certify_dataset(
         t_pred[i] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cert = certify_keypoints(detector, image, box, readout=readout, method=method,
-                                 budget=budget)
+                                 budget=budget, exact_values=exact_values)
         t_cert[i] = time.perf_counter() - t0
         boxes[i], nominal[i], status[i] = cert.boxes, cert.nominal, cert.status
         subboxes[i] = cert.stats.get('subboxes', 0)

@@ -24,6 +24,10 @@ def _cfg_certify(p: argparse.ArgumentParser) -> None:
                    help='maximum θ sub-boxes per image (default: the offline budget)')
     p.add_argument('--budget-ms', type=float, default=None,
                    help='wall-clock limit per image in ms')
+    p.add_argument('--exact-values', type=int, default=None, metavar='N',
+                   help='clipped pixel values per sub-box bounded exactly through the first '
+                        'layer (threshold coordinates; default 12; 0 = per-pixel relaxation: '
+                        'cheaper per sub-box, looser)')
     p.add_argument('--readout', choices=READOUT_CHOICES, default=None)
     p.add_argument('--limit', type=int, default=None, help='certify only the first N images')
     p.add_argument('--sweep', type=floats, default=None,
@@ -42,11 +46,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
     A keypoint is certified correct at τ when its whole certified box lies within τ pixels of
     the ground truth. Several --model values are certified on the same images in one run.
     """
-    from usn_perception.certify import Budget, PhotometricBox
+    from usn_perception.certify import EXACT_VALUES, Budget, PhotometricBox
     from usn_perception.certify_report import write_certify_report
     from usn_perception.data.coco import load_coco
     from usn_perception.detector import load_detector
 
+    exact_values = EXACT_VALUES if args.exact_values is None else args.exact_values
+    if exact_values < 0:
+        raise UsnPerceptionError(f'--exact-values must be >= 0, got {exact_values}')
     try:
         box = PhotometricBox(args.alpha, args.beta)
         budget = None
@@ -62,6 +69,6 @@ def cmd_certify(args: argparse.Namespace) -> int:
     write_certify_report(
         args.out, detectors, dataset, box, tolerances=args.tolerance, method=args.method,
         budget=budget, limit=args.limit, sweep=args.sweep, sweep_limit=args.sweep_limit,
-        progress=progress(args), data_path=args.data)
+        progress=progress(args), data_path=args.data, exact_values=exact_values)
     print(f'report: {args.out / "report.md"}')
     return 0
