@@ -178,14 +178,17 @@ def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, 
     ref_in = torch.cat(refs) - slope_in[:, 0] * boxes[:, 0].view(-1, 1, 1, 1) - (
         slope_in[:, 1] * boxes[:, 2].view(-1, 1, 1, 1))
     form_in = torch.cat([ref_in[:, None], slope_in], 1)  # (N, 3, 1, H, W)
-    radius = None
-    if bool(relaxed.any()):
-        c_in, r_in = enc.threshold_forms(boxes, only=relaxed)
-        form_in = form_in + c_in
-        radius = _apply_abs(net, n_ops, r_in[:, 0])
+    some = relaxed.any(1)  # only sub-boxes with more ambiguous values than breakpoints
+    r_in = radius = None
+    if bool(some.any()):
+        c_in, r_in = enc.threshold_forms(boxes[some], only=relaxed[some])
+        form_in[some] += c_in
     centre = torch.cat([_apply_prefix(net, n_ops, part, linear=True)
                         for part in form_in.flatten(0, 1).split(POINT_CHUNK)])
     centre = centre.view(n, 3, *centre.shape[1:])
+    if r_in is not None:
+        radius = torch.zeros_like(centre[:, 0])
+        radius[some] = _apply_abs(net, n_ops, r_in[:, 0])
     centre[:, 0] += _apply_prefix(net, n_ops, torch.zeros_like(inputs[:1]))[0]  # biases
     # Each axis' deviation from its chord: extremes over its breakpoints (the ends are 0);
     # the two axes add.
