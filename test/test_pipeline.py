@@ -82,6 +82,21 @@ def test_fixed_mode_certifies_over_the_configured_box(detector: Detector):
     assert result.interval.beta == pytest.approx((-0.01, 0.01))
 
 
+def test_exact_values_reach_the_certificate(detector: Detector):
+    """The setting is the engine's: same boxes as certify_keypoints with that value."""
+    from usn_perception.certify import Budget, certify_keypoints
+
+    frames = _frames(2)
+    for exact in (0, 12):
+        pipe = FramePipeline(detector, PipelineSettings(max_subboxes=3, exact_values=exact))
+        pipe.process(frames[0], 0.0)
+        result = pipe.process(frames[1], 1 / 30)
+        assert result.certify_stats['exact_values'] == exact
+        ref = certify_keypoints(detector, frames[1], result.interval.as_box(), budget=Budget(3),
+                                exact_values=exact)
+        np.testing.assert_array_equal(result.boxes, ref.boxes)
+
+
 def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     pipe = FramePipeline(detector, FAST)
     pipe.process(_frames(1)[0], 0.0)
@@ -98,6 +113,7 @@ def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     ({'max_subboxes': 0}, 'max_subboxes'),
     ({'max_width_px': 0.0}, 'max_width_px'),
     ({'score_threshold': 1.5}, 'score_threshold'),
+    ({'exact_values': -1}, 'exact_values'),
 ])
 def test_invalid_settings_are_refused(kwargs: dict, word: str):
     with pytest.raises(ValueError, match=word):

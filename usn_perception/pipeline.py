@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from usn_perception.certify import METHODS, Budget, CertStatus, certify_keypoints
+from usn_perception.certify import EXACT_VALUES, METHODS, Budget, CertStatus, certify_keypoints
 from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
 from usn_perception.network import READOUTS
 
@@ -32,8 +32,8 @@ class PipelineSettings:
     """What the pipeline does per frame; validated on construction.
 
     ``certify``: run certification at all (else every status is SKIPPED). ``method``,
-    ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none) and ``max_width_px``
-    (wider boxes are NOT_CERTIFIED, None = no limit) go to
+    ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none), ``max_width_px``
+    (wider boxes are NOT_CERTIFIED, None = no limit) and ``exact_values`` go to
     :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
     ``score_threshold`` are not certified (SKIPPED, NaN box); when none is left, the
     certification is skipped. ``readout`` None uses the model's.
@@ -45,6 +45,7 @@ class PipelineSettings:
     max_subboxes: int = 5
     budget_ms: float | None = None
     max_width_px: float | None = None
+    exact_values: int = EXACT_VALUES
     score_threshold: float = 0.0
     interval: IntervalSettings = field(default_factory=IntervalSettings)
 
@@ -60,6 +61,9 @@ class PipelineSettings:
         if self.max_width_px is not None and not (math.isfinite(self.max_width_px)
                                                   and self.max_width_px > 0):
             raise ValueError(f'max_width_px must be positive or None, got {self.max_width_px}')
+        if not (isinstance(self.exact_values, int) and self.exact_values >= 0):
+            raise ValueError(f'exact_values must be a non-negative integer, '
+                             f'got {self.exact_values!r}')
         if not 0.0 <= float(self.score_threshold) <= 1.0:
             raise ValueError(f'score_threshold must lie in [0, 1], got {self.score_threshold}')
         if not isinstance(self.interval, IntervalSettings):
@@ -165,7 +169,8 @@ class FramePipeline:
             'status_codes': {c.name: int(c) for c in CertStatus},
             'certify': {'enabled': s.certify, 'method': s.method,
                         'max_subboxes': s.max_subboxes, 'budget_ms': s.budget_ms,
-                        'max_width_px': s.max_width_px, 'score_threshold': s.score_threshold},
+                        'max_width_px': s.max_width_px, 'exact_values': s.exact_values,
+                        'score_threshold': s.score_threshold},
             'interval': {'mode': s.interval.mode, 'fixed_alpha': list(s.interval.fixed_alpha),
                          'fixed_beta': list(s.interval.fixed_beta),
                          'margin_alpha': s.interval.margin_alpha,
@@ -194,7 +199,8 @@ class FramePipeline:
         if s.certify and wanted.any():
             cert = certify_keypoints(self.detector, image, estimate.as_box(), readout=s.readout,
                                      method=s.method, budget=s.budget,
-                                     max_width_px=s.max_width_px)
+                                     max_width_px=s.max_width_px,
+                                     exact_values=s.exact_values)
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]
             stats = cert.stats

@@ -48,7 +48,7 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 
-from usn_perception.certify import METHODS, CertStatus
+from usn_perception.certify import EXACT_VALUES, METHODS, CertStatus
 from usn_perception.errors import ImageError
 from usn_perception.interval import MODES, IntervalSettings
 from usn_perception.network import READOUTS
@@ -125,6 +125,9 @@ PARAMETERS: dict[str, Param] = {
                                      '(deterministic)', range=(0.0, 10000.0)),
     'certify.max_width_px': Param(0.0, 'boxes wider than this are NOT_CERTIFIED; 0 = no limit',
                                   range=(0.0, 1e6)),
+    'certify.exact_values': Param(EXACT_VALUES, 'clipped pixel values per sub-box bounded '
+                                                'exactly through the first layer; 0 = relax '
+                                                'each pixel (cheaper, looser)', range=(0, 256)),
 }
 
 
@@ -169,6 +172,7 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         max_subboxes=int(values['certify.max_subboxes']),
         budget_ms=budget_ms if budget_ms > 0 else None,
         max_width_px=width if width > 0 else None,
+        exact_values=int(values['certify.exact_values']),
         score_threshold=float(values['score_threshold']),
         interval=interval)
 
