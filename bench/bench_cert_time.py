@@ -1,9 +1,10 @@
 """Certification time of several models, interleaved image by image, at one box and budget.
 
 The pruning target compares certification times of a pruned and an unpruned model "in the same
-run"; on a shared machine the fairest form of that is round-robin: every image is certified by
-every model back to back, so load changes hit all models alike. Also reports how many keypoint
-boxes come out under a width, per engine setting (``--exact-values``).
+run"; on a shared machine the fairest form of that is round-robin (``time_interleaved``, as
+``prune-compare`` uses): every image is certified by every model back to back, so load changes
+hit all models alike. Settings (``--exact-values``) are timed one after the other, each
+round-robin over the models. Also counts keypoint boxes under a width.
 
     python bench/bench_cert_time.py --model models/default --model models/unpruned \\
         --data W/data/test/annotations.json --first 20 --count 10 --exact-values 0,6,12
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from usn_perception.certify import Budget, PhotometricBox, certify_keypoints  # noqa: E402
+from usn_perception.certify import Budget, PhotometricBox  # noqa: E402
+from usn_perception.certify_dataset import time_interleaved  # noqa: E402
 from usn_perception.data.coco import load_coco  # noqa: E402
 from usn_perception.detector import load_detector  # noqa: E402
 
@@ -53,18 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     dets = [load_detector(m) for m in args.model]
     seconds = np.zeros((len(settings), len(dets)))
     narrow = np.zeros((len(settings), len(dets)), dtype=int)
-    warm = dataset.load_image(args.first)
-    for det in dets:
-        certify_keypoints(det, warm, box, budget=Budget(max_subboxes=4))
     indices = range(args.first, min(args.first + args.count, len(dataset)))
-    for i in indices:
-        image = dataset.load_image(i)
-        for a, exact in enumerate(settings):
-            for j, det in enumerate(dets):
-                t0 = time.perf_counter()
-                cert = certify_keypoints(det, image, box, budget=budget, exact_values=exact)
-                seconds[a, j] += time.perf_counter() - t0
-                narrow[a, j] += int((cert.widths.max(1) < args.width).sum())
+    for a, exact in enumerate(settings):
+        seconds[a], certs = time_interleaved(
+            dets, (dataset.load_image(i) for i in indices), box, budget,
+            warm=dataset.load_image(args.first), exact_values=exact)
+        narrow[a] = [sum(int((c.widths.max(1) < args.width).sum()) for c in per_det)
+                     for per_det in certs]
     n = len(indices)
     lines = [f'Command: `python bench/bench_cert_time.py {" ".join(sys.argv[1:])}`', '',
              f'{n} images ({args.first}–{args.first + n - 1}), box α∈{box.alpha}, β∈{box.beta}, '

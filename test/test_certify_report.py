@@ -122,3 +122,25 @@ def test_models_are_labelled_by_name_and_numbered_only_when_names_repeat():
         'default', 'unpruned']
     assert _labels([det('a/default/model.json'), det('b/default/model.json'), det(None),
                     det('x/tiny.json')]) == ['default', 'default#1', 'model', 'tiny']
+
+
+def test_time_interleaved_times_every_model_on_every_image(setup):
+    """Round-robin timing: one certificate per (model, image), identical to a direct call."""
+    from usn_perception.certify import PhotometricBox, certify_keypoints
+    from usn_perception.certify_dataset import time_interleaved
+    from usn_perception.data.coco import load_coco
+    from usn_perception.detector import load_detector
+
+    _, data, models = setup
+    dataset = load_coco(data)
+    dets = [load_detector(m) for m in models]
+    images = [dataset.load_image(i) for i in range(2)]
+    box = PhotometricBox((0.9, 1.1), (-0.05, 0.05))
+    seconds, certs = time_interleaved(dets, images, box, Budget(2), warm=images[0],
+                                      exact_values=0)
+    assert seconds.shape == (2,) and (seconds > 0).all()
+    assert [len(c) for c in certs] == [2, 2]
+    for det, per_det in zip(dets, certs, strict=True):
+        for image, cert in zip(images, per_det, strict=True):
+            ref = certify_keypoints(det, image, box, budget=Budget(2), exact_values=0)
+            np.testing.assert_array_equal(cert.boxes, ref.boxes)

@@ -42,8 +42,7 @@ from usn_perception.readout import cell_grid, read_keypoints
 
 __all__ = [
     'Budget', 'CertStatus', 'EXACT_VALUES', 'KeypointCertificate', 'METHODS', 'NODE_BUDGET',
-    'OFFLINE_BUDGET',
-    'PhotometricBox', 'certify_keypoints',
+    'OFFLINE_BUDGET', 'PhotometricBox', 'certify_keypoints',
 ]
 
 METHODS = ('forward', 'ibp')

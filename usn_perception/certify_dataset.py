@@ -8,7 +8,7 @@ widths, and time per image for certification and for plain prediction, measured 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,3 +134,27 @@ def certify_dataset(
         names.append(sample.file_name)
     return CertifiedRun(boxes, nominal, status, truth, labelled, names,
                         tuple(detector.keypoint_names), t_cert, t_pred, subboxes)
+
+
+def time_interleaved(detectors: Sequence, images: Iterable[np.ndarray], box: PhotometricBox,
+                     budget: Budget | None = None, *, warm: np.ndarray | None = None,
+                     **options) -> tuple[np.ndarray, list[list]]:
+    """Certification seconds per detector, every image certified by every detector in turn.
+
+    On a shared machine, timing models one after the other measures the load as much as the
+    models; round-robin per image exposes them to the same conditions, so their ratios are
+    what can be compared. ``warm`` (an image) is certified once per detector first, untimed.
+    ``options`` go to :func:`certify_keypoints`. Returns total seconds (D,) and the
+    certificates, per detector and image.
+    """
+    if warm is not None:
+        for det in detectors:
+            certify_keypoints(det, warm, box, budget=budget, **options)
+    seconds = np.zeros(len(detectors))
+    certs: list[list] = [[] for _ in detectors]
+    for image in images:
+        for j, det in enumerate(detectors):
+            t0 = time.perf_counter()
+            certs[j].append(certify_keypoints(det, image, box, budget=budget, **options))
+            seconds[j] += time.perf_counter() - t0
+    return seconds, certs

@@ -326,26 +326,15 @@ def retime(rows: list[dict], dataset, box, budget, n_images: int) -> None:
     them round-robin on the same images (after one warm-up image) exposes every model to the
     same conditions, so the ratios between models are what the table compares.
     """
-    import time
-
-    from usn_perception.certify import certify_keypoints
+    from usn_perception.certify_dataset import time_interleaved
     from usn_perception.detector import load_detector
 
     dets = [load_detector(r['model']) for r in rows]
     n = min(n_images, len(dataset))
-    total = np.zeros(len(dets))
-    warm = dataset.load_image(0)
-    for det in dets:
-        certify_keypoints(det, warm, box, budget=budget)
-    for i in range(n):
-        image = dataset.load_image(i)
-        for j, det in enumerate(dets):
-            t0 = time.perf_counter()
-            certify_keypoints(det, image, box, budget=budget)
-            total[j] += time.perf_counter() - t0
+    total, _ = time_interleaved(dets, (dataset.load_image(i) for i in range(n)), box, budget,
+                                warm=dataset.load_image(0))
     for r, t in zip(rows, total, strict=True):
-        r['cert_ms_first_pass'] = r['cert_ms_per_image']
-        r['cert_ms_per_image'] = 1000.0 * t / n
+        r['cert_ms_per_image'], r['cert_ms_first_pass'] = 1000.0 * t / n, r['cert_ms_per_image']
 
 
 def measure_model(path, test_set, box, budget, args: argparse.Namespace, row: dict) -> dict:
