@@ -28,7 +28,8 @@ from usn_perception.bounds.spec import (
     lfp_max,
     local_centroid_bounds,
 )
-from usn_perception.bounds.split import refine
+from usn_perception.bounds.split import partition, refine
+from usn_perception.bounds.thresholds import ambiguous_mass, threshold_splits
 from usn_perception.detector import Detector
 from usn_perception.errors import UnsupportedLayerError
 from usn_perception.network import DetectorConfig, InputNormalization, build_network
@@ -471,6 +472,70 @@ def test_refine_never_widens_and_respects_budget():
     leaves = many.boxes
     area = ((leaves[:, 1] - leaves[:, 0]) * (leaves[:, 3] - leaves[:, 2])).sum()
     assert float(area) == pytest.approx(0.4 * 0.2, rel=1e-12)  # leaves tile the root
+
+
+# (τ, κ) root and pixel values: 0.02 and 0.05 ambiguous in τ, 0.97 in κ, the rest never.
+TK_ROOT = torch.tensor([[-0.03, 0.06, 0.95, 1.05]], dtype=F64)
+TK_VALUES = torch.tensor([0.0 - 0.04, 0.02, 0.05, 0.5, 0.97, 1.06], dtype=F64)
+TK_WEIGHTS = torch.tensor([1.0, 3.0, 1.0, 5.0, 2.0, 1.0], dtype=F64)
+
+
+def _tk_tools():
+    def splitter(b):
+        return threshold_splits(b, TK_VALUES, TK_WEIGHTS)
+
+    def priority(b):
+        return ambiguous_mass(b, TK_VALUES, TK_WEIGHTS)
+
+    return splitter, priority
+
+
+def test_ambiguous_mass_counts_values_strictly_inside():
+    boxes = torch.cat([TK_ROOT, torch.tensor([[0.02, 0.05, 0.97, 1.0], [0.0, 0.01, 0.96, 0.98]],
+                                             dtype=F64)])
+    mass = ambiguous_mass(boxes, TK_VALUES, TK_WEIGHTS)
+    # Root: 0.02, 0.05 (τ) and 0.97 (κ). Values on an edge are exact (clipped or not, fixed).
+    assert mass.tolist() == [6.0, 0.0, 2.0]
+
+
+def test_partition_tiles_the_root_and_stops_when_exact():
+    splitter, priority = _tk_tools()
+    leaves = partition(TK_ROOT, 3, splitter, priority)
+    assert leaves.shape == (3, 4)
+    # Heaviest ambiguous value first: the τ cut at 0.02 (weight 3) comes before any κ cut.
+    assert 0.02 in leaves[:, :2].flatten().tolist()
+    many = partition(TK_ROOT, 50, splitter, priority)
+    assert many.shape[0] == 6  # 3 τ pieces, each cut at κ = 0.97: all exact then
+    assert float(priority(many).max()) == 0.0
+    for part in (leaves, many):
+        area = ((part[:, 1] - part[:, 0]) * (part[:, 3] - part[:, 2])).sum()
+        assert float(area) == pytest.approx(0.09 * 0.1, rel=1e-12)
+        pts = torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+        pts = TK_ROOT[0, ::2] + pts * (TK_ROOT[0, 1::2] - TK_ROOT[0, ::2])
+        inside = ((pts[:, None, 0] >= part[None, :, 0]) & (pts[:, None, 0] <= part[None, :, 1])
+                  & (pts[:, None, 1] >= part[None, :, 2]) & (pts[:, None, 1] <= part[None, :, 3]))
+        assert bool((inside.sum(1) == 1).all())  # a tiling: every point in exactly one leaf
+    assert partition(TK_ROOT, 1, splitter, priority).equal(TK_ROOT)
+
+
+def test_refine_bounds_the_partition_first():
+    splitter, priority = _tk_tools()
+    calls = []
+
+    def evaluate(boxes, deadline):
+        calls.append(boxes.clone())
+        width = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2])
+        b = torch.stack([-width, width, -width, width], -1)[:, None]
+        return b, torch.zeros(boxes.shape[0], 1, 2, dtype=F64)
+
+    out = refine(evaluate, TK_ROOT, Budget(3), splitter=splitter, priority=priority)
+    assert len(calls) == 1 and calls[0].shape[0] == 3
+    assert out.first_pass == 3 and out.evaluated == 3 and out.passes == 1
+    calls.clear()
+    # Six leaves make the input exact; the remaining budget is spent adaptively.
+    out = refine(evaluate, TK_ROOT, Budget(10), splitter=splitter, priority=priority)
+    assert calls[0].shape[0] == 6 and out.first_pass == 6
+    assert out.evaluated == sum(c.shape[0] for c in calls) <= 10 and len(calls) > 1
 
 
 def test_layer_bounds_reports_every_op():

@@ -32,6 +32,7 @@ from usn_perception.bounds.spec import (
 from usn_perception.bounds.split import RefineResult, refine
 from usn_perception.bounds.thresholds import (
     SCALE_FREE_READOUTS,
+    ambiguous_mass,
     is_homogeneous,
     threshold_row,
     threshold_splits,
@@ -174,8 +175,12 @@ class _Evaluator:
             est.append(e)
         bounds = torch.cat(bounds)
         if self.ibp_root:
+            # The first call covers the root (alone or as a partition): one IBP pass over the
+            # root's hull holds for every one of its leaves.
             self.ibp_root = False
-            other = self._bound(boxes, 'interval', deadline)[0]
+            root = torch.stack([boxes[:, 0].min(), boxes[:, 1].max(),
+                                boxes[:, 2].min(), boxes[:, 3].max()])[None]
+            other = self._bound(root, 'interval', deadline)[0]
             bounds = torch.stack([torch.maximum(bounds[..., 0], other[..., 0]),
                                   torch.minimum(bounds[..., 1], other[..., 1]),
                                   torch.maximum(bounds[..., 2], other[..., 2]),
@@ -282,15 +287,17 @@ def certify_keypoints(
              'coordinates': 'thresholds' if thresholds else 'theta',
              'exact_values': exact_values if evaluate.prefix else 0,
              'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms}}
-    splitter = partial(threshold_splits, values=enc.values,
-                       weights=enc.value_weights) if thresholds else None
-    if not thresholds:
+    if thresholds:
+        # Partition first by ambiguous pixel mass, then refine adaptively with what is left.
+        how = {'splitter': partial(threshold_splits, values=enc.values,
+                                   weights=enc.value_weights),
+               'priority': partial(ambiguous_mass, values=enc.values, weights=enc.value_weights)}
+    else:
         root = box.as_row()
+        how = {'intensity': enc.mean_intensity()}
     try:
         with torch.no_grad():
-            result = refine(evaluate, root.to(enc.device), budget,
-                            intensity=enc.mean_intensity(), deadline=deadline,
-                            splitter=splitter)
+            result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
     except BudgetExceeded:
         stats.update(subboxes=0, leaves=0, passes=0, stopped='time',
                      ms=(time.perf_counter() - t0) * 1000.0)
@@ -308,7 +315,7 @@ def certify_keypoints(
         too_wide = (cert.widths > max_width_px).any(1)
         status[too_wide] = int(CertStatus.NOT_CERTIFIED)
     stats.update(subboxes=result.evaluated, leaves=int(result.boxes.shape[0]),
-                 passes=result.passes, stopped=result.stopped,
+                 passes=result.passes, first_pass=result.first_pass, stopped=result.stopped,
                  unstable_relus=evaluate.unstable, ms=(time.perf_counter() - t0) * 1000.0)
     return cert
 

@@ -119,10 +119,11 @@ def _edges(pair: tuple[float, float], n: int) -> list[float]:
 class Budget:
     """How much work one certificate may take.
 
-    ``max_subboxes`` counts every θ sub-box that gets bounded (the whole box is the first), so
-    it is proportional to the work done. ``max_ms`` is a wall-clock limit checked between
-    layers: a first pass that cannot finish in time gives OUT_OF_BUDGET, a later pass that
-    cannot finish is dropped and the previous (sound, looser) result is kept.
+    ``max_subboxes`` counts every θ sub-box that gets bounded (the whole box or the leaves of
+    its first partition, then every child), so it is proportional to the work done.
+    ``max_ms`` is a wall-clock limit checked between layers: a first pass that cannot finish
+    in time gives OUT_OF_BUDGET, a later pass that cannot finish is dropped and the previous
+    (sound, looser) result is kept.
     """
 
     max_subboxes: int = 1

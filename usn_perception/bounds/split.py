@@ -5,6 +5,13 @@ stick out past the best estimate of the true range are worth splitting. Each pas
 current leaves by how far they stick out (normalised per keypoint and axis), bisects the worst
 ones in one batch, and intersects every child's bound with its parent's: a child's θ-set lies
 inside its parent's, so the parent's bound is valid for it too, and the hull can only shrink.
+
+When the caller knows, before bounding anything, which sub-boxes are hard (in clip-threshold
+coordinates: those holding ambiguous pixel values), :func:`partition` first cuts the root into
+as many leaves as the budget allows, and only what is left is spent adaptively. Measured on the
+shipped model: bounding the parents of an adaptive tree costs half of a small budget, and
+their bounds rarely steer the splits better than the ambiguous mass does (see
+docs/certification.md, "Partition first").
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class RefineResult:
     evaluated: int
     passes: int
     stopped: str
+    #: Leaves of the first pass (1 without a partition).
+    first_pass: int = 1
 
     def hull(self) -> torch.Tensor:
         """(K, 4) [u_lo, u_hi, v_lo, v_hi] over all leaves."""
@@ -81,21 +90,52 @@ def _scores(bounds: torch.Tensor, est_lo: torch.Tensor, est_hi: torch.Tensor,
 Splitter = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity: float,
-           deadline: float | None = None, splitter: Splitter | None = None) -> RefineResult:
+#: priority(leaves (n, 4)) -> (n,) how much cutting each leaf should help; <= 0: not at all
+Priority = Callable[[torch.Tensor], torch.Tensor]
+
+
+def partition(root: torch.Tensor, count: int, splitter: Splitter,
+              priority: Priority) -> torch.Tensor:
+    """Cut ``root`` (1, 4) into at most ``count`` leaves without bounding any of them.
+
+    Greedy: the leaf of highest priority is cut (where ``splitter`` says) until there are
+    ``count`` leaves or no leaf has a positive priority. The leaves tile the root exactly
+    (every cut is shared by both children, :func:`split_boxes`).
+    """
+    leaves = root
+    score = priority(leaves)
+    while leaves.shape[0] < count:
+        i = int(score.argmax())
+        if not float(score[i]) > 0.0:
+            break
+        children = split_boxes(leaves[i:i + 1], *splitter(leaves[i:i + 1]))
+        keep = torch.arange(leaves.shape[0], device=leaves.device) != i
+        leaves = torch.cat([leaves[keep], children])
+        score = torch.cat([score[keep], priority(children)])
+    return leaves
+
+
+def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity: float = 0.5,
+           deadline: float | None = None, splitter: Splitter | None = None,
+           priority: Priority | None = None) -> RefineResult:
     """Bound ``root`` (1, 4), then split adaptively until the budget is spent.
 
     ``splitter`` chooses the axis and cut of each box to split (default: :func:`split_dims`
-    and :func:`split_points`, for (α, β) boxes). Raises :class:`BudgetExceeded` only when the
-    very first pass misses the deadline.
+    and :func:`split_points`, for (α, β) boxes, trading α against β by the image's mean
+    ``intensity``). With ``priority`` the first pass bounds the
+    :func:`partition` of the root into up to ``budget.max_subboxes`` leaves instead of the
+    root alone. Raises :class:`BudgetExceeded` only when that first pass misses the deadline.
     """
     if splitter is None:
         def splitter(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return split_dims(parents, intensity), split_points(parents)
+    if priority is not None:
+        root = partition(root, budget.max_subboxes, splitter, priority)
     t0 = time.perf_counter()
     bounds, est = evaluate(root, deadline)
-    per_box = time.perf_counter() - t0
-    boxes, evaluated, passes, stopped = root, 1, 1, 'budget'
+    per_box = (time.perf_counter() - t0) / root.shape[0]
+    first_pass = root.shape[0]
+    boxes, evaluated, passes, stopped = root, first_pass, 1, 'budget'
     est_lo, est_hi = est.min(0).values, est.max(0).values
     while True:
         room = budget.max_subboxes - evaluated
@@ -134,4 +174,4 @@ def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity
         est_hi = torch.maximum(est_hi, child_est.max(0).values)
         evaluated += children.shape[0]
         passes += 1
-    return RefineResult(boxes, bounds, evaluated, passes, stopped)
+    return RefineResult(boxes, bounds, evaluated, passes, stopped, first_pass)

@@ -66,6 +66,28 @@ def threshold_row(box: PhotometricBox) -> torch.Tensor | None:
     return torch.tensor([row], dtype=torch.float64)
 
 
+def _inside(boxes: torch.Tensor, values: torch.Tensor,
+            weights: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per axis, (n, V) masks of the values strictly inside each sub-box's interval; weights."""
+    v = values[None, :]
+    w = torch.where(weights > 0, weights, torch.zeros_like(weights))[None, :]
+    inside = [(v > boxes[:, 2 * d:2 * d + 1]) & (v < boxes[:, 2 * d + 1:2 * d + 2])
+              for d in (0, 1)]
+    return inside, w
+
+
+def ambiguous_mass(boxes: torch.Tensor, values: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """(n,) resize weight of the pixel values that are ambiguous on each (τ, κ) sub-box.
+
+    A value strictly inside the τ or the κ interval is clipped on part of the sub-box only;
+    it is the one thing that makes the input stage inexact there. 0 means the network input
+    is exactly affine in (τ, κ) on the sub-box. Used to partition a box before bounding it.
+    """
+    inside, w = _inside(boxes, values, weights)
+    return (w * (inside[0] | inside[1])).sum(1)
+
+
 def threshold_splits(boxes: torch.Tensor, values: torch.Tensor,
                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where to cut each (τ, κ) sub-box: (dims (n,), cut positions (n,)).
@@ -75,10 +97,7 @@ def threshold_splits(boxes: torch.Tensor, values: torch.Tensor,
     exactly at a value makes that value exact on both sides. With no value inside either
     interval the input is already exact; bisect the wider axis (ReLUs may still flip).
     """
-    v = values[None, :]
-    w = torch.where(weights > 0, weights, torch.zeros_like(weights))[None, :]
-    inside = [(v > boxes[:, 2 * d:2 * d + 1]) & (v < boxes[:, 2 * d + 1:2 * d + 2])
-              for d in (0, 1)]
+    inside, w = _inside(boxes, values, weights)
     mass = torch.stack([(w * m).sum(1) for m in inside], 1)  # (n, 2)
     dims = (mass[:, 1] > mass[:, 0]).long()
     widths = torch.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], 1)
