@@ -213,6 +213,14 @@ def test_certificate_contains_nominal_and_reports_stats():
     assert cert.stats['passes'] >= 1 and cert.stats['ms'] > 0
     doc = cert.to_json()
     assert doc['status'] == ['CERTIFIED'] * 3 and len(doc['boxes']) == 3
+    # A caller that already predicted passes its keypoints: same certificate, one pass less.
+    given = det.certify(image, NODE_BOX, budget=Budget(5), nominal=det.predict(image))
+    np.testing.assert_array_equal(given.boxes, cert.boxes)
+    np.testing.assert_array_equal(given.nominal, cert.nominal)
+    with pytest.raises(ValueError, match='nominal'):
+        det.certify(image, NODE_BOX, nominal=np.zeros((2, 2)))
+    with pytest.raises(ImageError):  # the image is still checked
+        det.certify(np.full((20, 20), np.nan), NODE_BOX, nominal=cert.nominal)
 
 
 def _target_image() -> np.ndarray:

@@ -97,6 +97,24 @@ def test_exact_values_reach_the_certificate(detector: Detector):
         np.testing.assert_array_equal(result.boxes, ref.boxes)
 
 
+def test_time_limit_sizes_the_partition_from_recent_frames(detector: Detector):
+    plain = FramePipeline(detector, PipelineSettings(max_subboxes=4))
+    plain.ms_per_subbox = 1e6  # ignored without a time limit: replays stay deterministic
+    assert plain.subboxes_for_next_frame() == 4
+    pipe = FramePipeline(detector, PipelineSettings(max_subboxes=4, budget_ms=1e4))
+    assert pipe.subboxes_for_next_frame() == 1  # nothing measured yet: the smallest pass
+    result = pipe.process(_frames(1)[0], 0.0)
+    assert result.certify_stats['budget']['max_subboxes'] == 1
+    assert 0.0 < pipe.ms_per_subbox <= result.timings_ms['certify'] + 1e-6
+    assert pipe.subboxes_for_next_frame() == 4  # a 10 s limit affords the whole budget
+    for rate, expected in ((3000.0, 3), (2500.0, 4), (2e4, 1)):
+        pipe.ms_per_subbox = rate
+        assert pipe.subboxes_for_next_frame() == expected
+    pipe.ms_per_subbox = 3000.0
+    result = pipe.process(_frames(2)[1], 1 / 30)
+    assert result.certify_stats['budget']['max_subboxes'] == 3
+
+
 def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     pipe = FramePipeline(detector, FAST)
     pipe.process(_frames(1)[0], 0.0)

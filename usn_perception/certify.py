@@ -225,6 +225,7 @@ def certify_keypoints(
     generators: int = GENERATORS,
     coordinates: str = 'auto',
     exact_values: int = EXACT_VALUES,
+    nominal: np.ndarray | None = None,
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -243,7 +244,9 @@ def certify_keypoints(
     ``exact_values``: in threshold coordinates, the clipped pixel values per sub-box (the
     heaviest) whose effect on the first linear layers is bounded exactly, by evaluating them
     at their breakpoints (:mod:`usn_perception.bounds.prefix`), instead of relaxing each
-    clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser). Raises
+    clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser).
+    ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
+    one forward pass per frame (the image is still validated). Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.
@@ -269,8 +272,13 @@ def certify_keypoints(
     if max_width_px is not None and not max_width_px > 0:
         raise ValueError(f'max_width_px must be positive, got {max_width_px}')
     deadline = None if budget.max_ms is None else t0 + budget.max_ms / 1000.0
-    nominal = detector.predict(image, readout=readout)  # validates the image too
     k = len(detector.keypoint_names)
+    if nominal is None:
+        nominal = detector.predict(image, readout=readout)  # validates the image too
+    else:
+        nominal = np.asarray(nominal, dtype=np.float64)
+        if nominal.shape != (k, 2):
+            raise ValueError(f'nominal must be ({k}, 2) keypoints, got shape {nominal.shape}')
     enc = ImageEncoding(image, detector.config.input_size, detector.device)
     net = compile_network(detector.net, enc.shape)
     w_h, h_h = detector.config.heatmap_size

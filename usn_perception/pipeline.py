@@ -32,7 +32,9 @@ class PipelineSettings:
     """What the pipeline does per frame; validated on construction.
 
     ``certify``: run certification at all (else every status is SKIPPED). ``method``,
-    ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none), ``max_width_px``
+    ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none; with a limit the number of
+    sub-boxes per frame follows the time the previous frames took, see
+    :meth:`FramePipeline.subboxes_for_next_frame`), ``max_width_px``
     (wider boxes are NOT_CERTIFIED, None = no limit) and ``exact_values`` go to
     :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
     ``score_threshold`` are not certified (SKIPPED, NaN box); when none is left, the
@@ -69,11 +71,6 @@ class PipelineSettings:
         if not isinstance(self.interval, IntervalSettings):
             raise ValueError('interval must be IntervalSettings')
         Budget(max_subboxes=self.max_subboxes, max_ms=self.budget_ms)  # validates both
-
-    @property
-    def budget(self) -> Budget:
-        """The certification budget these settings describe."""
-        return Budget(max_subboxes=self.max_subboxes, max_ms=self.budget_ms)
 
 
 @dataclass(frozen=True)
@@ -133,6 +130,9 @@ class FramePipeline:
         self.detector = detector
         self._settings = settings or PipelineSettings()
         self.interval = IntervalEstimator(self._settings.interval)
+        #: Smoothed certification milliseconds per sub-box of the recent frames (None: none
+        #: measured yet); drives the sub-box count under a time limit.
+        self.ms_per_subbox: float | None = None
 
     @property
     def settings(self) -> PipelineSettings:
@@ -149,6 +149,27 @@ class FramePipeline:
     def reset(self) -> None:
         """Forget the interval window (a new sequence starts)."""
         self.interval.reset()
+
+    def subboxes_for_next_frame(self) -> int:
+        """How many θ sub-boxes the next frame's certificate gets.
+
+        Without a time limit, ``max_subboxes`` (deterministic). With one, the most that fit
+        ``budget_ms`` at the recent cost per sub-box (overhead included, so it errs low),
+        between 1 and ``max_subboxes``: the first pass bounds every leaf of the partition at
+        once and is lost whole when it misses the deadline, so it must be sized to fit.
+        """
+        s = self._settings
+        if s.budget_ms is None:
+            return s.max_subboxes
+        if self.ms_per_subbox is None:
+            return 1
+        return int(max(1, min(s.max_subboxes, math.floor(s.budget_ms / self.ms_per_subbox))))
+
+    def _learn_cost(self, subboxes: int, ms: float) -> None:
+        """Fold one certificate's cost into :attr:`ms_per_subbox` (exponential average)."""
+        sample = ms / max(1, subboxes)
+        old = self.ms_per_subbox
+        self.ms_per_subbox = sample if old is None else 0.7 * old + 0.3 * sample
 
     @property
     def keypoint_names(self) -> tuple[str, ...]:
@@ -197,10 +218,14 @@ class FramePipeline:
         stats: dict = {}
         wanted = pred.scores >= s.score_threshold
         if s.certify and wanted.any():
+            n = self.subboxes_for_next_frame()
+            t_cert = time.perf_counter()
             cert = certify_keypoints(self.detector, image, estimate.as_box(), readout=s.readout,
-                                     method=s.method, budget=s.budget,
+                                     method=s.method,
+                                     budget=Budget(max_subboxes=n, max_ms=s.budget_ms),
                                      max_width_px=s.max_width_px,
-                                     exact_values=s.exact_values)
+                                     exact_values=s.exact_values, nominal=pred.keypoints)
+            self._learn_cost(n, (time.perf_counter() - t_cert) * 1e3)
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]
             stats = cert.stats

@@ -119,7 +119,8 @@ PARAMETERS: dict[str, Param] = {
                                range=(0.0, 60.0)),
     'certify.enabled': Param(True, 'certify keypoints (false: status SKIPPED)'),
     'certify.method': Param('forward', 'bound method: ' + ', '.join(METHODS), choices=METHODS),
-    'certify.max_subboxes': Param(5, 'θ sub-boxes bounded per frame (fixed work)',
+    'certify.max_subboxes': Param(5, 'most θ sub-boxes bounded per frame (fewer under '
+                                     'budget_ms when recent frames show they would not fit)',
                                   range=(1, 4096)),
     'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
                                      '(deterministic)', range=(0.0, 10000.0)),
