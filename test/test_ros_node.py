@@ -41,7 +41,11 @@ from usn_perception.ros.conversions import (  # noqa: E402
     numpy_to_image,
 )
 from usn_perception.ros.diagnostics import status_values  # noqa: E402
-from usn_perception.ros.node import LATCHED_QOS, UsnPerceptionNode  # noqa: E402
+from usn_perception.ros.node import (  # noqa: E402
+    LATCHED_QOS,
+    PARAMETERS,
+    UsnPerceptionNode,
+)
 from usn_perception.ros.photometric import polygon_to_interval  # noqa: E402
 from usn_perception.ros.pointcloud import decode_keypoints  # noqa: E402
 
@@ -51,7 +55,10 @@ REPO = Path(__file__).resolve().parent.parent
 NS = '/usn_perception'
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 BEST_EFFORT = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
-FAST = {'certify.max_subboxes': 1, 'certify.budget_ms': 0.0, 'diagnostics_period_s': 0.5}
+# The tiny random model's sound boxes are wide: the protocol tests report them CERTIFIED (no
+# width limit); test_wide_boxes_are_not_certified_by_default checks the shipped limit.
+FAST = {'certify.max_subboxes': 1, 'certify.budget_ms': 0.0, 'certify.max_width_px': 0.0,
+        'diagnostics_period_s': 0.5}
 
 
 def _frame(seed: int = 0) -> np.ndarray:
@@ -129,6 +136,24 @@ def harness(ros_domain, tiny_model):
 
 def _headers(msgs: list) -> set:
     return {(m.header.stamp.sec, m.header.stamp.nanosec, m.header.frame_id) for m in msgs}
+
+
+def test_wide_boxes_are_not_certified_by_default(harness):
+    """The shipped width limit: wider (sound) boxes are published as NOT_CERTIFIED."""
+    limit = PARAMETERS['certify.max_width_px'].default
+    assert limit > 0
+    h = harness(**{'certify.max_width_px': limit}).start()
+    clouds = h.listen(PointCloud2, f'{NS}/keypoints')
+    pub = h.probe.create_publisher(Image, 'image', RELIABLE)
+    assert h.spin_until(lambda: len(clouds) >= 3, each=lambda: pub.publish(h.image()))
+    statuses = set()
+    for msg in clouds:
+        dec = decode_keypoints(msg)
+        wide = np.maximum(dec.boxes[:, 1] - dec.boxes[:, 0], dec.boxes[:, 3] - dec.boxes[:, 2])
+        statuses |= set(dec.status.tolist())
+        assert np.isfinite(dec.boxes).all()  # both kinds keep their box
+        assert (wide[dec.status == 1] <= limit).all() and (wide[dec.status == 0] > limit).all()
+    assert 0 in statuses
 
 
 def test_frames_in_keypoints_out_with_headers_bounds_and_info(harness):

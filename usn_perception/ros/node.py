@@ -124,7 +124,8 @@ PARAMETERS: dict[str, Param] = {
                                   range=(1, 4096)),
     'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
                                      '(deterministic)', range=(0.0, 10000.0)),
-    'certify.max_width_px': Param(0.0, 'boxes wider than this are NOT_CERTIFIED; 0 = no limit',
+    'certify.max_width_px': Param(20.0, 'boxes wider than this (image pixels, either axis) '
+                                        'are NOT_CERTIFIED; 0 = no limit',
                                   range=(0.0, 1e6)),
     'certify.exact_values': Param(EXACT_VALUES, 'clipped pixel values per sub-box bounded '
                                                 'exactly through the first layer; 0 = relax '
