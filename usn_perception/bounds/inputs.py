@@ -16,6 +16,8 @@ and a parallel support line), so that the bound's half-width is a constant, not 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,27 @@ import torch.nn.functional as F
 from usn_perception.bounds.forms import form_range
 from usn_perception.bounds.thresholds import threshold_table
 from usn_perception.preprocess import GRAY_WEIGHTS, area_weights, image_to_float
+
+
+@functools.lru_cache(maxsize=8)
+def _gather_plan(h: int, w: int, c: int, w_out: int,
+                 h_out: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Flat source positions and weights ((Q, M) each) of every network-input pixel.
+
+    Depends only on the frame's shape, so a camera stream computes it once: per frame only
+    the pixel codes are gathered. Shared between encodings: never modified in place.
+    """
+    iy, wy = _band(area_weights(h, h_out))
+    jx, wx = _band(area_weights(w, w_out))
+    channel_w = np.ones(1) if c == 1 else np.asarray(GRAY_WEIGHTS, dtype=np.float64)
+    pos = ((iy[:, None, :, None] * w + jx[None, :, None, :])[..., None] * c
+           + np.arange(c)[None, None, None, None, :])
+    weights = (wy[:, None, :, None, None] * wx[None, :, None, :, None]
+               * channel_w[None, None, None, None, :])
+    q = h_out * w_out
+    pos = pos.reshape(q, -1)
+    pos.setflags(write=False)
+    return pos, torch.from_numpy(np.ascontiguousarray(weights.reshape(q, -1)))
 
 
 def _band(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,27 +77,20 @@ class ImageEncoding:
         xf = image_to_float(image)  # validates shape, dtype, finiteness, range
         if raw.dtype == np.uint8:
             values = np.arange(256, dtype=np.float64) / 255.0
-            codes = raw.astype(np.int64)
+            codes = raw  # gathered as uint8, widened after the gather
         else:
             values, codes = np.unique(xf, return_inverse=True)
             codes = codes.reshape(xf.shape)
         if codes.ndim == 2:
             codes = codes[:, :, None]
-            channel_w = np.ones(1)
-        else:
-            channel_w = np.asarray(GRAY_WEIGHTS, dtype=np.float64)
-        h, w = codes.shape[:2]
+        h, w, c = codes.shape
         w_out, h_out = input_size
-        iy, wy = _band(area_weights(h, h_out))
-        jx, wx = _band(area_weights(w, w_out))
-        index = codes[iy[:, None, :, None], jx[None, :, None, :], :]
-        weights = (wy[:, None, :, None, None] * wx[None, :, None, :, None]
-                   * channel_w[None, None, None, None, :])
-        q = h_out * w_out
+        pos, weights = _gather_plan(h, w, c, int(w_out), int(h_out))
+        index = np.take(codes.reshape(-1), pos).astype(np.int64, copy=False)
         self.device = torch.device(device)
         self.values = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        self.index = torch.as_tensor(index.reshape(q, -1), device=self.device)
-        self.weights = torch.as_tensor(weights.reshape(q, -1), device=self.device)
+        self.index = torch.as_tensor(index, device=self.device)
+        self.weights = weights.to(self.device)
         self.shape = (1, h_out, w_out)
         self.image_shape = xf.shape
         #: (V,) total resize weight of each distinct value over the network input.
