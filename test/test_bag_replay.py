@@ -169,3 +169,27 @@ def test_cli_replay_spawns_the_node_and_checks_against_offline(ros_domain, model
 
 if __name__ == '__main__':
     print(json.dumps(_child(json.loads(Path(sys.argv[1]).read_text())), default=str))
+
+
+def test_every_setting_survives_node_parameters_and_the_info_document(model):
+    """Replays rebuild the pipeline from node parameters and from the node's info document:
+    no setting may fall back to a default on the way (exact_values once did)."""
+    from usn_perception.bag.replay import node_parameters, settings_from_info
+    from usn_perception.detector import load_detector
+    from usn_perception.interval import IntervalSettings
+    from usn_perception.pipeline import FramePipeline
+    from usn_perception.ros.node import PARAMETERS, settings_from
+
+    odd = PipelineSettings(readout='argmax', certify=True, method='ibp', max_subboxes=7,
+                           budget_ms=12.5, max_width_px=3.5, exact_values=3,
+                           score_threshold=0.25,
+                           interval=IntervalSettings(mode='fixed', fixed_alpha=(0.9, 1.3),
+                                                     fixed_beta=(-0.05, 0.07),
+                                                     margin_alpha=0.03, margin_beta=0.01,
+                                                     window_s=2.5, max_residual=0.05))
+    params = node_parameters(odd)
+    values = {name: spec.default for name, spec in PARAMETERS.items()}
+    values.update({k: v for k, v in params.items() if k in PARAMETERS})
+    assert settings_from(values) == odd
+    info = FramePipeline(load_detector(model), odd).describe()
+    assert settings_from_info(json.loads(json.dumps(info))) == odd

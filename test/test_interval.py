@@ -130,10 +130,48 @@ def test_estimates_are_deterministic():
     ({'margin_alpha': -0.1}, 'margin_alpha'),
     ({'window_s': -1.0}, 'window_s'),
     ({'max_frames': 0}, 'max_frames'),
+    ({'max_residual': -0.01}, 'max_residual'),
+    ({'max_residual': float('inf')}, 'max_residual'),
 ])
 def test_invalid_settings_are_refused_with_a_reason(kwargs: dict, word: str):
     with pytest.raises(ValueError, match=word):
         IntervalSettings(**kwargs)
+
+
+def _other_scene(shape: tuple[int, int] = (120, 160)) -> np.ndarray:
+    """A scene whose histogram is no affine map of :func:`_scene`'s: bimodal, a dark target."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    board = ((xx // 20 + yy // 20) % 2).astype(np.float64)
+    return np.clip(0.15 + 0.65 * board + 0.03 * np.sin(xx / 5.0), 0.05, 0.95)
+
+
+def test_scene_cut_frames_are_left_out_not_taken_for_lighting():
+    """After a cut, Θ covers the new scene's lighting change, not the histogram jump."""
+    rng = np.random.default_rng(2)
+    scenes = [_scene(), _other_scene()]
+    cut = 20
+    times = np.arange(cut + 6) / RATE  # the window (0.5 s) still holds 10 frames of the old one
+    boxes = {}
+    for limit in (0.02, 0.0):
+        est = IntervalEstimator(IntervalSettings(window_s=0.5, max_residual=limit))
+        for n, t in enumerate(times):
+            box = est.update(_frame(scenes[int(n >= cut)], t, rng, 0.004), t)
+            if n < cut:
+                assert box.excluded == 0  # lighting alone never looks like another scene
+        boxes[limit] = box
+    on, off = boxes[0.02], boxes[0.0]
+    t_now = times[-1]
+    after = [s for s in times[cut:] if t_now - s <= 0.5]
+    assert on.frames == off.frames == 16 and len(after) == 6
+    assert on.excluded == 10 and off.excluded == 0 and on.reliable and off.reliable
+    for s in after:  # the new scene's own lighting change is still covered
+        assert on.contains(*_true_relative(s, t_now))
+    width = (on.alpha[1] - on.alpha[0], on.beta[1] - on.beta[0])
+    assert width[0] < 0.2 and width[1] < 0.1
+    # Off: the pre-cut frame's fit against a different histogram inflates Θ.
+    off_width = (off.alpha[1] - off.alpha[0], off.beta[1] - off.beta[0])
+    assert off_width[0] > width[0] + 0.1 or off_width[1] > width[1] + 0.1
+    assert on.to_json()['excluded'] == 10
 
 
 def test_bad_frames_raise_image_errors():

@@ -12,7 +12,11 @@ unsaturated quantile pairs lie exactly on one line, whatever the scene. The line
 robustly (Theil–Sen: the median of pairwise slopes, then the median intercept), which keeps
 noise and small content changes from dominating. A frame that cannot be related (flat, fully
 saturated, negative slope) makes the estimate *unreliable*, and the box then also covers the
-configured fixed box, so a failed measurement never shrinks Θ.
+configured fixed box, so a failed measurement never shrinks Θ. A frame that *can* be related
+but only with a large quantile misfit (more than ``max_residual``) shows another scene — a cut,
+a pan — rather than other lighting: its (α, β) would be an artefact of matching two different
+intensity histograms (measured on three synthetic scenes: misfit ~0.002 within a scene under
+lighting change, 0.03–0.22 across scenes), so it is left out of Θ and counted.
 
 Nothing here depends on timing: the same frames with the same stamps give the same boxes.
 """
@@ -58,7 +62,9 @@ class IntervalSettings:
     ``fixed_beta``, which must hold (1, 0); also the fallback when a measurement is
     unreliable). ``margin_alpha`` and
     ``margin_beta`` widen the measured box on each side. ``window_s`` is the look-back in
-    stamp seconds, ``max_frames`` caps the frames kept.
+    stamp seconds, ``max_frames`` caps the frames kept. ``max_residual`` (intensity units;
+    0 = off): a window frame whose quantiles misfit the current frame's by more than this shows
+    another scene (a cut, a pan), not other lighting, and is left out of Θ.
     """
 
     mode: str = 'measured'
@@ -68,6 +74,7 @@ class IntervalSettings:
     margin_beta: float = 0.02
     window_s: float = 1.0
     max_frames: int = 120
+    max_residual: float = 0.02
 
     def __post_init__(self) -> None:
         """Normalise and refuse settings that cannot describe a box."""
@@ -94,6 +101,10 @@ class IntervalSettings:
         if int(self.max_frames) != self.max_frames or not 1 <= self.max_frames <= 10_000:
             raise ValueError(f'max_frames must be an integer in [1, 10000], got {self.max_frames}')
         object.__setattr__(self, 'max_frames', int(self.max_frames))
+        limit = float(self.max_residual)
+        if not (math.isfinite(limit) and 0.0 <= limit <= 1.0):
+            raise ValueError(f'max_residual must lie in [0, 1] (0 = off), got {limit}')
+        object.__setattr__(self, 'max_residual', limit)
 
 
 @dataclass(frozen=True)
@@ -103,8 +114,9 @@ class IntervalEstimate:
     ``alpha``/``beta``: the box (float32-representable ends, rounded outward, so a float32
     message carries it exactly). ``changes``: (N, 2) measured (α, β) of each related frame of
     the window relative to the current one (the current frame's (1, 0) included).
-    ``residual``: the largest quantile misfit of those fits (large when the scene, not the
-    lighting, changed). ``reliable``: every frame of the window could be related.
+    ``residual``: the largest quantile misfit of those fits. ``excluded``: window frames left
+    out because their misfit exceeded ``max_residual`` (another scene). ``reliable``: every
+    frame of the window could be related.
     """
 
     alpha: tuple[float, float]
@@ -114,6 +126,7 @@ class IntervalEstimate:
     changes: np.ndarray = field(repr=False)
     residual: float
     reliable: bool
+    excluded: int = 0
 
     def contains(self, alpha: float, beta: float) -> bool:
         """Whether θ = (alpha, beta) lies in the closed box."""
@@ -128,7 +141,8 @@ class IntervalEstimate:
     def to_json(self) -> dict:
         """JSON form for reports and the node's info/diagnostics."""
         return {'alpha': list(self.alpha), 'beta': list(self.beta), 'mode': self.mode,
-                'frames': self.frames, 'residual': self.residual, 'reliable': self.reliable}
+                'frames': self.frames, 'residual': self.residual, 'reliable': self.reliable,
+                'excluded': self.excluded}
 
 
 def frame_quantiles(image: np.ndarray, max_samples: int = 8192) -> np.ndarray:
@@ -253,8 +267,11 @@ class IntervalEstimator:
         fits = relative_changes(np.stack([q for _, q in self._window]), self._window[-1][1])
         related = np.isfinite(fits[:, 0])
         reliable = bool(related.all())
-        pts = np.vstack([[1.0, 0.0], fits[:-1][related[:-1], :2]])
-        residual = float(fits[related, 2].max()) if related.any() else 0.0
+        other_scene = related & (fits[:, 2] > s.max_residual) if s.max_residual > 0 else (
+            np.zeros_like(related))
+        used = related & ~other_scene
+        pts = np.vstack([[1.0, 0.0], fits[:-1][used[:-1], :2]])
+        residual = float(fits[used, 2].max()) if used.any() else 0.0
 
         if s.mode == 'fixed':
             alpha, beta = s.fixed_alpha, s.fixed_beta
@@ -268,4 +285,4 @@ class IntervalEstimator:
                 beta = (min(beta[0], s.fixed_beta[0]), max(beta[1], s.fixed_beta[1]))
             alpha = (max(alpha[0], MIN_ALPHA), alpha[1])
         return IntervalEstimate(_outward32(*alpha), _outward32(*beta), s.mode, len(self._window),
-                                pts, residual, reliable)
+                                pts, residual, reliable, int(other_scene.sum()))

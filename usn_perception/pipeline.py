@@ -196,7 +196,8 @@ class FramePipeline:
                          'fixed_beta': list(s.interval.fixed_beta),
                          'margin_alpha': s.interval.margin_alpha,
                          'margin_beta': s.interval.margin_beta,
-                         'window_s': s.interval.window_s},
+                         'window_s': s.interval.window_s,
+                         'max_residual': s.interval.max_residual},
             'perturbation': "x' = clip(alpha * x + beta, 0, 1), x in [0, 1]",
         }
 

@@ -53,10 +53,12 @@ def node_parameters(settings: PipelineSettings, model: str | None = None) -> dic
         'certify.max_subboxes': int(s.max_subboxes),
         'certify.budget_ms': float(s.budget_ms or 0.0),
         'certify.max_width_px': float(s.max_width_px or 0.0),
+        'certify.exact_values': int(s.exact_values),
         'interval.mode': iv.mode, 'interval.fixed_alpha': [float(v) for v in iv.fixed_alpha],
         'interval.fixed_beta': [float(v) for v in iv.fixed_beta],
         'interval.margin_alpha': float(iv.margin_alpha),
-        'interval.margin_beta': float(iv.margin_beta), 'interval.window_s': float(iv.window_s)}
+        'interval.margin_beta': float(iv.margin_beta), 'interval.window_s': float(iv.window_s),
+        'interval.max_residual': float(iv.max_residual)}
     if model:
         params['model_path'] = str(model)
     return params
@@ -73,10 +75,12 @@ def settings_from_info(info: dict[str, Any]) -> PipelineSettings:
             method=c['method'], max_subboxes=int(c['max_subboxes']),
             budget_ms=c['budget_ms'] or None, max_width_px=c['max_width_px'] or None,
             score_threshold=float(c['score_threshold']),
+            exact_values=int(c.get('exact_values', 0)),  # nodes before it had no exact stage
             interval=IntervalSettings(mode=iv['mode'], fixed_alpha=tuple(iv['fixed_alpha']),
                                       fixed_beta=tuple(iv['fixed_beta']),
                                       margin_alpha=iv['margin_alpha'],
-                                      margin_beta=iv['margin_beta'], window_s=iv['window_s']))
+                                      margin_beta=iv['margin_beta'], window_s=iv['window_s'],
+                                      max_residual=iv.get('max_residual', 0.0)))
     except (KeyError, TypeError) as exc:
         raise ReplayError(f'the node info document lacks {exc}; is it a usn_perception node?'
                           ) from None

@@ -117,6 +117,10 @@ PARAMETERS: dict[str, Param] = {
                                   range=(0.0, 1.0)),
     'interval.window_s': Param(1.0, 'look-back of the measured interval (stamp seconds)',
                                range=(0.0, 60.0)),
+    'interval.max_residual': Param(0.02, 'window frames whose intensity quantiles misfit the '
+                                         'current frame by more than this show another scene '
+                                         'and are left out of the box; 0 = off',
+                                   range=(0.0, 1.0)),
     'certify.enabled': Param(True, 'certify keypoints (false: status SKIPPED)'),
     'certify.method': Param('forward', 'bound method: ' + ', '.join(METHODS), choices=METHODS),
     'certify.max_subboxes': Param(5, 'most θ sub-boxes bounded per frame (fewer under '
@@ -164,7 +168,8 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         fixed_beta=tuple(values['interval.fixed_beta']),
         margin_alpha=values['interval.margin_alpha'],
         margin_beta=values['interval.margin_beta'],
-        window_s=values['interval.window_s'])
+        window_s=values['interval.window_s'],
+        max_residual=values['interval.max_residual'])
     budget_ms = float(values['certify.budget_ms'])
     width = float(values['certify.max_width_px'])
     return PipelineSettings(
