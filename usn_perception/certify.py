@@ -53,7 +53,8 @@ GENERATORS = 0
 #: Sub-boxes whose input stage and readout bound are computed together (memory: the input
 #: forms of a group are ~4 · GROUP · network-input pixels float64 values).
 GROUP = 16
-#: Per-frame budget for the ROS node: a fixed amount of work, so replays are deterministic.
+#: A fixed per-frame amount of work (deterministic), the "node budget" of the benchmarks; the
+#: node itself uses its certify.max_subboxes / certify.budget_ms parameters.
 NODE_BUDGET = Budget(max_subboxes=3)
 #: Offline (reports, evaluation): tight boxes at a few seconds per image.
 OFFLINE_BUDGET = Budget(max_subboxes=96)
