@@ -267,8 +267,7 @@ class IntervalEstimator:
         fits = relative_changes(np.stack([q for _, q in self._window]), self._window[-1][1])
         related = np.isfinite(fits[:, 0])
         reliable = bool(related.all())
-        other_scene = related & (fits[:, 2] > s.max_residual) if s.max_residual > 0 else (
-            np.zeros_like(related))
+        other_scene = related & (s.max_residual > 0) & (fits[:, 2] > s.max_residual)
         used = related & ~other_scene
         pts = np.vstack([[1.0, 0.0], fits[:-1][used[:-1], :2]])
         residual = float(fits[used, 2].max()) if used.any() else 0.0
