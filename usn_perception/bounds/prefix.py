@@ -118,7 +118,9 @@ def _deviation_range(net: CompiledNetwork, n_ops: int,
     """(min, max) over the batch of the prefix's linear part of ``dev_in``, a chunk at a time."""
     out = None
     for chunk in (dev_in.split(POINT_CHUNK) if dev_in.shape[0] else ()):
-        c_lo, c_hi = torch.aminmax(_apply_prefix(net, n_ops, chunk, linear=True), dim=0)
+        y = _apply_prefix(net, n_ops, chunk, linear=True)
+        # amin + amax: torch.aminmax over dim 0 is ~10x slower here (torch 2.13, CPU).
+        c_lo, c_hi = y.amin(0), y.amax(0)
         if out is not None:
             c_lo, c_hi = torch.minimum(out[0], c_lo), torch.maximum(out[1], c_hi)
         out = (c_lo, c_hi)
