@@ -8,6 +8,7 @@ DDS); the script refuses to run otherwise.
 
     python bench/bench_node.py --model models/default --seconds 20 --rate 30 --size 640x480
     python bench/bench_node.py --frames 10000 --rss-csv rss.csv --rss-png rss.png   # memory run
+    python bench/bench_node.py --cpu-hogs 1 --param num_threads:=2   # another busy process
 
 Frames are renders of the 5-dot target (held-out test backgrounds) under a scripted
 brightness/contrast swing α = 1 + a·sin(2πt/T), β = b·cos(2πt/T) (``--swing a,b,T``), so the
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                     help='a,b,T: α = 1 + a·sin(2πt/T), β = b·cos(2πt/T), T in seconds')
     ap.add_argument('--width-px', type=float, default=10.0,
                     help='a certified box counts as "within" when no wider than this')
+    ap.add_argument('--cpu-hogs', type=int, default=0,
+                    help='busy-loop processes running during the measurement (other load '
+                         'on the machine, e.g. 1 on two cores)')
     ap.add_argument('--rss-csv', type=Path, help='write the RSS curve here')
     ap.add_argument('--rss-png', type=Path, help='plot the RSS curve here')
     args = ap.parse_args(argv)
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     amp_a, amp_b, period = (float(v) for v in args.swing.split(','))
 
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image, PointCloud2
@@ -163,6 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         widths.extend(wide[ok].tolist())
 
     probe.create_subscription(PointCloud2, '/usn_perception/keypoints', on_keypoints, qos)
+    stages: dict[str, float] = {}  # the node's own per-stage latencies, last /diagnostics
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith('usn_perception'):
+                stages.clear()
+                stages.update({kv.key[len('latency_'):]: float(kv.value) for kv in status.values
+                               if kv.key.startswith('latency_')})
+
+    probe.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
     frames = _frames(width, height, max(1, round(period * args.rate)), scenes=args.scenes,
                      first=args.scene, swing=(amp_a, amp_b))
     sent = [0]
@@ -191,25 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     certified.clear()
     within.clear()
     widths.clear()
-    probe.create_timer(1.0 / args.rate, publish)
-    cpu0, _ = _proc_sample(node_proc.pid)
-    t0 = time.monotonic()
-    rss_curve: list[tuple[float, int]] = []
-    next_sample = t0
+    hogs = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+            for _ in range(max(0, args.cpu_hogs))]
+    try:
+        probe.create_timer(1.0 / args.rate, publish)
+        cpu0, _ = _proc_sample(node_proc.pid)
+        t0 = time.monotonic()
+        rss_curve: list[tuple[float, int]] = []
+        next_sample = t0
 
-    def running() -> bool:
-        if args.frames:
-            return sent[0] < args.frames
-        return time.monotonic() - t0 < args.seconds
+        def running() -> bool:
+            if args.frames:
+                return sent[0] < args.frames
+            return time.monotonic() - t0 < args.seconds
 
-    while running() and node_proc.poll() is None:
-        rclpy.spin_once(probe, timeout_sec=0.01)
-        if time.monotonic() >= next_sample:
-            rss_curve.append((time.monotonic() - t0, _proc_sample(node_proc.pid)[1]))
-            next_sample += 1.0
-    for _ in range(20):  # collect late outputs
-        rclpy.spin_once(probe, timeout_sec=0.05)
-    elapsed = time.monotonic() - t0
+        while running() and node_proc.poll() is None:
+            rclpy.spin_once(probe, timeout_sec=0.01)
+            if time.monotonic() >= next_sample:
+                rss_curve.append((time.monotonic() - t0, _proc_sample(node_proc.pid)[1]))
+                next_sample += 1.0
+        for _ in range(20):  # collect late outputs
+            rclpy.spin_once(probe, timeout_sec=0.05)
+        elapsed = time.monotonic() - t0
+    finally:  # never leave a busy loop behind
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
     cpu1, rss = _proc_sample(node_proc.pid)
     alive = node_proc.poll() is None
     node_proc.terminate()
@@ -234,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         'rss': rss_growth(rss_curve),
         'node_alive_at_end': alive,
         'size': [width, height], 'rate_hz': args.rate, 'seconds': elapsed,
+        'cpu_hogs': max(0, args.cpu_hogs), 'params': list(args.param),
+        'node_stage_ms': dict(sorted(stages.items())),
     }
     if args.rss_csv:
         rows = ''.join(f'{t:.1f},{r}\n' for t, r in rss_curve)
