@@ -178,12 +178,15 @@ def test_shallow_certificates_are_not_trivial():
     (2, (3, 4, 4, 4, 4, 4, 4, 4, 4), (64, 48), 'homogeneous'),
 ])
 @pytest.mark.parametrize('readout', READOUTS)
-def test_deep_random_networks_have_no_escapes(seed, widths, size, arch, readout):
+@pytest.mark.parametrize('precision', ['float64', 'float32'])
+def test_deep_random_networks_have_no_escapes(seed, widths, size, arch, readout, precision):
     det = deep_detector(seed, widths, size, arch)
     for kind, box in [('random', NODE_BOX.scaled(0.002)), ('dark', DARKENING.scaled(0.01)),
                       ('rgb', NODE_BOX)]:
         image = make_image(kind, seed)
-        cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(6))
+        cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(6),
+                                 precision=precision)
+        assert cert.stats['precision'] == precision
         assert_sound(det, image, box, cert, readout, grid=5)
 
 
@@ -382,13 +385,15 @@ def test_threshold_coordinates_need_a_homogeneous_network():
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
 @pytest.mark.parametrize('readout', ['centroid', 'argmax'])
-def test_threshold_coordinates_have_no_escapes(seed, readout):
+@pytest.mark.parametrize('precision', ['float64', 'float32'])
+def test_threshold_coordinates_have_no_escapes(seed, readout, precision):
     """(τ, κ) bounds on homogeneous networks: dark, saturated, uint8 and degenerate boxes."""
     det = homogeneous_detector(seed)
     for kind in ('dark', 'saturated', 'rgb', 'blobs'):
         image = make_image(kind, seed)
         for box in (NODE_BOX, OFFLINE_BOX, DARKENING, PhotometricBox.point(1.1, -0.05)):
-            cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(6))
+            cert = certify_keypoints(det, image, box, readout=readout, budget=Budget(6),
+                                     precision=precision)
             assert cert.stats['coordinates'] == 'thresholds'
             assert_sound(det, image, box, cert, readout, grid=5, attack=kind == 'rgb')
 
@@ -518,6 +523,8 @@ def test_bad_arguments_are_refused():
         certify_keypoints(det, image, NODE_BOX, max_width_px=0)
     with pytest.raises(ValueError, match='relu'):
         certify_keypoints(det, image, NODE_BOX, relu='leaky')
+    with pytest.raises(ValueError, match='precision'):
+        certify_keypoints(det, image, NODE_BOX, precision='half')
 
 
 @pytest.mark.parametrize('image', [

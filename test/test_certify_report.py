@@ -85,6 +85,31 @@ def test_exact_values_is_recorded_and_zero_reproduces_the_relaxed_engine(setup, 
     np.testing.assert_allclose(got, cert.boxes, rtol=1e-6)
 
 
+def test_precision_is_recorded_and_reaches_the_engine(setup, tmp_path):
+    """--precision float64 gives float64 boxes; the default (auto) is float32 on the CPU."""
+    from usn_perception.certify import PhotometricBox, certify_keypoints
+    from usn_perception.data.coco import load_coco
+    from usn_perception.detector import load_detector
+
+    _, data, models = setup
+    rows = {}
+    for precision in ('auto', 'float64'):
+        out = tmp_path / precision
+        assert main(['--quiet', 'certify', '--model', str(models[0]), '--data', str(data),
+                     '--alpha', '0.8,1.2', '--beta', '-0.1,0.1', '--budget', '3', '--limit', '1',
+                     '--precision', precision, '--out', str(out)]) == 0
+        summary = json.loads((out / 'summary.json').read_text())
+        assert summary['precision'] == ('float32' if precision == 'auto' else 'float64')
+        assert f'precision {summary["precision"]}' in (out / 'report.md').read_text()
+        with open(out / 'keypoints.csv') as f:
+            rows[precision] = np.array([[float(r[k]) for k in ('u_lo', 'u_hi', 'v_lo', 'v_hi')]
+                                        for r in csv.DictReader(f)])
+    cert = certify_keypoints(load_detector(models[0]), load_coco(data).load_image(0),
+                             PhotometricBox((0.8, 1.2), (-0.1, 0.1)), budget=Budget(3),
+                             precision='float64')
+    np.testing.assert_allclose(rows['float64'], cert.boxes, rtol=1e-6)
+
+
 @pytest.mark.parametrize('args, problem', [
     (['--alpha', '1.2,0.8'], 'exceeds'),
     (['--alpha', '-1,1'], 'positive'),

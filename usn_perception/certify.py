@@ -23,6 +23,7 @@ from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
 from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
+from usn_perception.bounds.rounding import propagate_float32, resolve_precision
 from usn_perception.bounds.spec import (
     argmax_bounds,
     centroid_bounds,
@@ -123,8 +124,11 @@ class _Evaluator:
 
     def __init__(self, net: CompiledNetwork, enc: ImageEncoding, method: str, readout: str,
                  heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool,
-                 generators: int = 0, thresholds: bool = False, exact_values: int = 0) -> None:
+                 generators: int = 0, thresholds: bool = False, exact_values: int = 0,
+                 float32: bool = False) -> None:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
+        self.float32 = float32  # parallel-ReLU passes in float32 (bounds.rounding)
+        self.float32_fallbacks = 0  # batches redone in float64 after a float32 overflow
         self.relu = 'interval' if method == 'ibp' else relu
         self.grid = tuple(g.to(enc.device) for g in cell_grid(*heatmap_hw))
         self.heatmap_hw = heatmap_hw
@@ -152,14 +156,23 @@ class _Evaluator:
         skip = 0
         if self.prefix and relu != 'interval':
             skip = self.prefix
-            c_in, r_in = prefix_forms(self.enc, self.net, part, skip, self.exact_values)
+            c_in, r_in = prefix_forms(self.enc, self.net, part, skip, self.exact_values,
+                                      float32=self.float32)
         else:
             c_in, r_in = self._inputs(part, relu)
         outs = []
         for start in range(0, part.shape[0], self.chunk):
             rows = slice(start, start + self.chunk)
-            c, r, unstable = propagate(self.net, c_in[rows], r_in[rows], part[rows],
-                                       relu=relu, deadline=deadline, start=skip)
+            out = None
+            if self.float32 and relu == 'parallel' and r_in.shape[1] == 1 and (
+                    c_in.shape[1] >= 3):
+                out = propagate_float32(self.net, c_in[rows], r_in[rows], part[rows],
+                                        deadline=deadline, start=skip)
+                self.float32_fallbacks += out is None
+            if out is None:  # float64 asked for, or float32 overflowed
+                out = propagate(self.net, c_in[rows], r_in[rows], part[rows], relu=relu,
+                                deadline=deadline, start=skip)
+            c, r, unstable = out
             self.unstable += int(unstable.sum())
             outs.append(collapse_generators(c.flatten(3), r.flatten(3)))
         c = torch.cat([o[0] for o in outs])
@@ -230,6 +243,7 @@ def certify_keypoints(
     coordinates: str = 'auto',
     exact_values: int = EXACT_VALUES,
     nominal: np.ndarray | None = None,
+    precision: str = 'auto',
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -250,7 +264,11 @@ def certify_keypoints(
     at their breakpoints (:mod:`usn_perception.bounds.prefix`), instead of relaxing each
     clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser).
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
-    one forward pass per frame (the image is still validated). Raises
+    one forward pass per frame (the image is still validated). ``precision``: 'float32' runs
+    the parallel-ReLU passes (and the exact first stage's deviations) in float32 with every
+    rounding error added to the bounds (:mod:`usn_perception.bounds.rounding`), 'float64'
+    in float64, 'auto' (default) float32 where that is sound (CPU, no reduced-precision
+    float32 modes). Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and
     :class:`~usn_perception.errors.UnsupportedLayerError` on a network the engine cannot bound.
@@ -275,6 +293,7 @@ def certify_keypoints(
         raise ValueError(f'exact_values must be a non-negative integer, got {exact_values!r}')
     if max_width_px is not None and not max_width_px > 0:
         raise ValueError(f'max_width_px must be positive, got {max_width_px}')
+    precision = resolve_precision(precision, detector.device)
     deadline = None if budget.max_ms is None else t0 + budget.max_ms / 1000.0
     k = len(detector.keypoint_names)
     if nominal is None:
@@ -295,8 +314,9 @@ def certify_keypoints(
                           _chunk_size(net, 0 if thresholds else generators),
                           ibp_root=not thresholds,
                           generators=0 if thresholds else generators, thresholds=thresholds,
-                          exact_values=exact_values)
+                          exact_values=exact_values, float32=precision == 'float32')
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
+             'precision': precision if evaluate.relu == 'parallel' else 'float64',
              'coordinates': 'thresholds' if thresholds else 'theta',
              'exact_values': exact_values if evaluate.prefix else 0,
              'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms}}
@@ -329,7 +349,8 @@ def certify_keypoints(
         status[too_wide] = int(CertStatus.NOT_CERTIFIED)
     stats.update(subboxes=result.evaluated, leaves=int(result.boxes.shape[0]),
                  passes=result.passes, first_pass=result.first_pass, stopped=result.stopped,
-                 unstable_relus=evaluate.unstable, ms=(time.perf_counter() - t0) * 1000.0)
+                 unstable_relus=evaluate.unstable, float32_fallbacks=evaluate.float32_fallbacks,
+                 ms=(time.perf_counter() - t0) * 1000.0)
     return cert
 
 

@@ -104,6 +104,7 @@ def certify_dataset(
     progress: bool = True,
     desc: str = 'certify',
     exact_values: int = EXACT_VALUES,
+    precision: str = 'auto',
 ) -> CertifiedRun:
     """Predict and certify every image (up to ``limit``) of a labelled dataset."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -125,7 +126,8 @@ def certify_dataset(
         t_pred[i] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cert = certify_keypoints(detector, image, box, readout=readout, method=method,
-                                 budget=budget, exact_values=exact_values)
+                                 budget=budget, exact_values=exact_values,
+                                 precision=precision)
         t_cert[i] = time.perf_counter() - t0
         boxes[i], nominal[i], status[i] = cert.boxes, cert.nominal, cert.status
         subboxes[i] = cert.stats.get('subboxes', 0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from usn_perception.errors import UnsupportedLayerError
 from usn_perception.network import InputNormalization
@@ -31,13 +32,21 @@ SUPPORTED_LAYERS = (
 
 @dataclass(frozen=True)
 class LinearOp:
-    """y = W·x + b for a layer whose weight is fixed; ``nonneg`` when W ≥ 0 elementwise."""
+    """y = W·x + b for a layer whose weight is fixed; ``nonneg`` when W ≥ 0 elementwise.
+
+    ``apply`` and ``apply_abs`` run in the dtype of their input (float64 weights for float64
+    input, the weights rounded to float32 for float32). ``fan_in`` is the most products any
+    output sums (plus one for a division, as in average pooling); 0 marks an op that only
+    moves or copies values (nearest upsampling, flatten), which rounds nothing. The float32
+    engine sizes its rounding terms from it (:mod:`usn_perception.bounds.rounding`).
+    """
 
     name: str
     apply: Callable[[torch.Tensor], torch.Tensor]
     apply_abs: Callable[[torch.Tensor], torch.Tensor]
     bias: torch.Tensor | None
     nonneg: bool = False
+    fan_in: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,10 +147,28 @@ def _conv_op(name: str, m: nn.Module, bn: tuple | None) -> LinearOp:
             return m._conv_forward(x, weight, None)  # honours padding_mode
     if bn is not None:
         b = (b * bn[0] if b is not None else 0.0) + bn[1]
-    w_abs = w.abs()
     bias = b.view(-1, 1, 1) if b is not None else None
-    return LinearOp(name, lambda x: conv(x, w), lambda x: conv(x, w_abs), bias,
-                    bool((w >= 0).all()))
+    # Terms per output: input channels per group times the kernel area (an upper bound for
+    # a transposed convolution, whose strides leave some taps out).
+    per_group = w.shape[0] // m.groups if isinstance(m, nn.ConvTranspose2d) else w.shape[1]
+    fan_in = int(per_group * w.shape[2] * w.shape[3])
+    apply, apply_abs = _by_dtype(conv, w)
+    return LinearOp(name, apply, apply_abs, bias, bool((w >= 0).all()), fan_in)
+
+
+def _by_dtype(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              w: torch.Tensor) -> tuple[Callable, Callable]:
+    """``fn(x, W)`` and ``fn(x, |W|)`` with the weight in x's dtype (float64 or float32)."""
+    weights = {torch.float64: (w, w.abs())}
+    w32 = w.float()
+    weights[torch.float32] = (w32, w32.abs())
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return fn(x, weights[x.dtype][0])
+
+    def apply_abs(x: torch.Tensor) -> torch.Tensor:
+        return fn(x, weights[x.dtype][1])
+    return apply, apply_abs
 
 
 def _compile_ops(net: nn.Module) -> list[Op]:
@@ -172,14 +199,15 @@ def _compile_ops(net: nn.Module) -> list[Op]:
             ops.append(ReluOp(name))
         elif isinstance(m, nn.Linear):
             w = m.weight.detach().double()
-            w_abs = w.abs()
             b = m.bias.detach().double() if m.bias is not None else None
-            ops.append(LinearOp(name, lambda x, w=w: F.linear(x, w),
-                                lambda x, w=w_abs: F.linear(x, w), b, bool((w >= 0).all())))
+            apply, apply_abs = _by_dtype(F.linear, w)
+            ops.append(LinearOp(name, apply, apply_abs, b, bool((w >= 0).all()),
+                                int(w.shape[1])))
         elif isinstance(m, nn.AvgPool2d):
             if m.divisor_override is not None and not m.divisor_override > 0:
                 raise _unsupported(name, m, 'divisor_override must be positive')
-            ops.append(LinearOp(name, m, m, None, True))
+            kh, kw = _pair(m.kernel_size)
+            ops.append(LinearOp(name, m, m, None, True, int(kh * kw) + 1))
         elif isinstance(m, nn.Upsample):
             if m.mode not in ('nearest', 'nearest-exact'):
                 raise _unsupported(name, m, f'mode {m.mode!r}; only nearest is supported')

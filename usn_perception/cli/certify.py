@@ -28,6 +28,9 @@ def _cfg_certify(p: argparse.ArgumentParser) -> None:
                    help='clipped pixel values per sub-box bounded exactly through the first '
                         'layer (threshold coordinates; default 12; 0 = per-pixel relaxation: '
                         'cheaper per sub-box, looser)')
+    p.add_argument('--precision', choices=('auto', 'float64', 'float32'), default='auto',
+                   help='float32 forms with tracked rounding (auto: where sound, i.e. on the '
+                        'CPU; same boxes within ~1 %%, faster) or float64 throughout')
     p.add_argument('--readout', choices=READOUT_CHOICES, default=None)
     p.add_argument('--limit', type=int, default=None, help='certify only the first N images')
     p.add_argument('--sweep', type=floats, default=None,
@@ -69,6 +72,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     write_certify_report(
         args.out, detectors, dataset, box, tolerances=args.tolerance, method=args.method,
         budget=budget, limit=args.limit, sweep=args.sweep, sweep_limit=args.sweep_limit,
-        progress=progress(args), data_path=args.data, exact_values=exact_values)
+        progress=progress(args), data_path=args.data, exact_values=exact_values,
+        precision=args.precision)
     print(f'report: {args.out / "report.md"}')
     return 0
