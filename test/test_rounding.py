@@ -105,6 +105,51 @@ def test_float32_forms_bound_the_network_at_every_theta(seed, widths, arch, kind
     assert w32 <= w64 * 1.01 + 1e-12  # (a neuron the slack makes unstable adds a little)
 
 
+def test_every_supported_layer_kind_is_bounded_in_float32():
+    """Average pooling, nearest upsampling, flatten and linear layers (fan-in 0 or not)."""
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        InputNormalization(0.5, 0.25), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+        nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.Upsample(scale_factor=2, mode='nearest'), nn.ConvTranspose2d(6, 4, 4, 2, 1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 48 * 64, 10), nn.ReLU(), nn.Linear(10, 3),
+    ).double().eval()
+    compiled = compile_network(net, (1, 24, 32))
+    centre, radius, boxes = _input_forms(7, 'random', 3)
+    c32, r32, _ = propagate_float32(compiled, centre, radius, boxes)
+    c64, r64, _ = propagate(compiled, centre, radius, boxes)
+    for theta in _grid(boxes):
+        z = compiled.forward(form_at(centre, theta))
+        mid, tol = form_at(c32, theta), 1e-12 * (1.0 + z.abs())
+        assert bool((z >= mid - r32[:, 0] - tol).all()) and bool(
+            (z <= mid + r32[:, 0] + tol).all())
+    assert float(r32.max()) <= float(r64.max()) * 1.01 + 1e-12
+
+
+def test_float32_errors_are_real_and_covered_on_a_linear_network():
+    """Without ReLUs the bound has no relaxation slack: only the rounding terms are left.
+
+    The float32 coefficients really miss the network's value at the sub-box corners (by far
+    more than float64 rounding), and the radius covers every miss.
+    """
+    torch.manual_seed(5)
+    net = nn.Sequential(InputNormalization(0.5, 0.25), nn.Conv2d(1, 8, 3, padding=1),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 4, 2, 1),
+                        nn.Conv2d(4, 3, 3, stride=2, padding=1)).double().eval()
+    compiled = compile_network(net, (1, 24, 32))
+    centre, radius, boxes = _input_forms(8, 'random', 4)
+    c32, r32, _ = propagate_float32(compiled, centre, radius, boxes)
+    miss, uncovered = 0.0, 0.0
+    for theta in _grid(boxes):
+        z = compiled.forward(form_at(centre, theta))
+        err = (z - form_at(c32, theta)).abs() / (1.0 + z.abs())
+        miss = max(miss, float(err.max()))
+        gap = (z - form_at(c32, theta)).abs() - r32[:, 0]
+        uncovered = max(uncovered, float((gap / (1.0 + z.abs())).max()))
+    assert miss > 1e-10, 'no float32 error to cover: the test would prove nothing'
+    assert uncovered <= 1e-14, uncovered  # float64 rounding of the reference itself
+
+
 def test_degenerate_boxes_stay_exact():
     """One θ: the float32 part is zero, so the bound is the float64 value itself."""
     net = compile_network(_network(0, (4, 6, 6, 8, 8, 8, 8, 6, 6), 'homogeneous'), (1, 24, 32))
