@@ -144,6 +144,7 @@ def test_describe_states_names_hash_and_pixel_convention(detector: Detector):
     assert 'top-left pixel is (0, 0)' in doc['pixel_convention']
     assert doc['status_codes'] == {'NOT_CERTIFIED': 0, 'CERTIFIED': 1, 'OUT_OF_BUDGET': 2,
                                    'SKIPPED': 3}
+    assert doc['certify']['precision'] == 'float32'  # the CPU default (bounds.rounding)
 
 
 def test_pipeline_does_not_import_rclpy():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from usn_perception.bounds.rounding import resolve_precision
 from usn_perception.certify import EXACT_VALUES, METHODS, Budget, CertStatus, certify_keypoints
 from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
 from usn_perception.network import READOUTS
@@ -191,7 +192,8 @@ class FramePipeline:
             'certify': {'enabled': s.certify, 'method': s.method,
                         'max_subboxes': s.max_subboxes, 'budget_ms': s.budget_ms,
                         'max_width_px': s.max_width_px, 'exact_values': s.exact_values,
-                        'score_threshold': s.score_threshold},
+                        'score_threshold': s.score_threshold,
+                        'precision': resolve_precision('auto', self.detector.device)},
             'interval': {'mode': s.interval.mode, 'fixed_alpha': list(s.interval.fixed_alpha),
                          'fixed_beta': list(s.interval.fixed_beta),
                          'margin_alpha': s.interval.margin_alpha,
