@@ -174,28 +174,32 @@ def _affine32(op: AffineOp, v0: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
 
 
 def _relu32(v0: torch.Tensor, v: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -> tuple:
-    """The parallel relaxation (see ``propagate._parallel_relu``), slope and offset rounded up.
+    """The parallel relaxation (see ``propagate._parallel_relu``), all decisions rounded outward.
 
-    An upper line steeper than the chord through (lo, 0) is still above ReLU on [lo, up];
-    the slope is capped at 1 so the lower line s·z ≤ ReLU(z) still holds. The float32 radius
-    gets an offset rounded up from the float64 centre's: with centre offset o_c ≤ radius
-    offset o_r, the lower bound is unchanged and the upper one only rises.
+    The pre-activation range v0 ± (m + r) is evaluated in float32 and widened by everything
+    that rounding can hide: v0's own rounding to float32 (≤ u·|v0|), the variation's (≤ 2k
+    roundings) and the subtraction's. The slope is rounded up (an upper line steeper than the
+    chord through (lo, 0) is still above ReLU on [lo, up]) and capped at 1 (the lower line
+    s·z ≤ ReLU(z) needs s ≤ 1); the offset o is rounded up, and centre and radius get the same
+    o, so the lower line stays s·(C − R) and the upper one s·(C + R) + 2·o ≥ s·(C + R − lo).
     Returns (v0, V, r, m of the new V, unstable counts).
     """
     k = v.shape[1]
     m = _variation(v, h)
-    span = ((m + r).double() * (1.0 + 2.0 * gamma(k + 4))).add_(TINY)
-    lo_neg = (v0 - span).clamp_(max=0.0)
-    up_pos = (v0 + span).clamp_(min=0.0)
+    c32 = v0.float()
+    span = (m + r).mul_(1.0 + 4.0 * gamma(2 * k + 4))
+    span += c32.abs().mul_(4.0 * U32)
+    span += TINY
+    lo_neg = (c32 - span).clamp_(max=0.0)
+    up_pos = c32.add_(span).clamp_(min=0.0)
     n_unstable = ((lo_neg < 0) & (up_pos > 0)).flatten(1).sum(1)
-    s64 = up_pos / (up_pos - lo_neg).clamp_(min=torch.finfo(torch.float64).tiny)
-    s32 = _up32(s64).clamp_(max=1.0)
-    s64 = s32.double()
-    offset = lo_neg.mul_(s64).mul_(-0.5)
-    v0 = v0 * s64 + offset
+    s32 = up_pos / (up_pos - lo_neg).clamp_(min=torch.finfo(torch.float32).tiny)
+    s32 = s32.mul_(1.0 + 4.0 * U32).clamp_(max=1.0)
+    offset = lo_neg.mul_(s32).mul_(-0.5 * (1.0 + 4.0 * U32))
+    v0 = torch.addcmul(offset.double(), v0, s32.double())
     v = v * s32[:, None]
     m = m.mul_(s32)  # |vj·s| rounds to within u: the next layer's safety factor covers it
-    r = (r * s32).add_(_up32(offset)).add_(m * gamma(2)).mul_(safety(2)).add_(TINY)
+    r = (r * s32).add_(offset).add_(m * gamma(2)).mul_(safety(2)).add_(TINY)
     # The next m: |vj·s| ≤ (1 + u)·s·|vj|, and m itself was rounded (≤ 2k roundings).
     return v0, v, r, m.mul_(1.0 + 2.0 * gamma(2 * k + 2)), n_unstable
 
