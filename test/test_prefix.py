@@ -93,8 +93,7 @@ def sample_points(row: list[float], values: torch.Tensor) -> list[tuple[float, f
 @pytest.mark.parametrize('seed', [0, 1])
 @pytest.mark.parametrize('kind', ['dark', 'saturated', 'target', 'random'])
 @pytest.mark.parametrize('make_net', [biased_net, zero_mean_net])
-@pytest.mark.parametrize('float32', [False, True])
-def test_prefix_forms_contain_the_first_stage_everywhere(seed, kind, make_net, float32):
+def test_prefix_forms_contain_the_first_stage_everywhere(seed, kind, make_net):
     img = image(kind, seed)
     enc = ImageEncoding(img, SIZE)
     net = compile_network(make_net(seed), enc.shape)
@@ -102,11 +101,7 @@ def test_prefix_forms_contain_the_first_stage_everywhere(seed, kind, make_net, f
     assert n_ops == 2  # normalisation + first convolution (BatchNorm folded)
     rows = torch.tensor(list(BOXES.values()), dtype=F64)
     for exact in (0, 2, 1000):
-        centre, radius = prefix_forms(enc, net, rows, n_ops, exact, float32=float32)
-        if float32:  # the float32 deviations widen the radius by their rounding bound only
-            ref = prefix_forms(enc, net, rows, n_ops, exact)[1]
-            assert bool((radius >= ref).all())
-            assert float((radius - ref).max()) <= 1e-5 * (1.0 + float(ref.max()))
+        centre, radius = prefix_forms(enc, net, rows, n_ops, exact)
         for i, row in enumerate(rows.tolist()):
             for tau, kappa in sample_points(row, enc.values):
                 z = first_stage(enc, net, n_ops, tau, kappa)

@@ -156,8 +156,7 @@ class _Evaluator:
         skip = 0
         if self.prefix and relu != 'interval':
             skip = self.prefix
-            c_in, r_in = prefix_forms(self.enc, self.net, part, skip, self.exact_values,
-                                      float32=self.float32)
+            c_in, r_in = prefix_forms(self.enc, self.net, part, skip, self.exact_values)
         else:
             c_in, r_in = self._inputs(part, relu)
         outs = []
@@ -265,8 +264,8 @@ def certify_keypoints(
     clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser).
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated). ``precision``: 'float32' runs
-    the parallel-ReLU passes (and the exact first stage's deviations) in float32 with every
-    rounding error added to the bounds (:mod:`usn_perception.bounds.rounding`), 'float64'
+    the θ-dependent part of the parallel-ReLU passes in float32 with every rounding error
+    added to the bounds (:mod:`usn_perception.bounds.rounding`), 'float64'
     in float64, 'auto' (default) float32 where that is sound (CPU, no reduced-precision
     float32 modes). Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,

@@ -28,7 +28,6 @@ import torch
 
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp, apply_point
-from usn_perception.bounds.rounding import TINY, gamma, safety
 
 #: Ambiguous pixel values per sub-box that become exact breakpoints (the heaviest ones).
 EXACT_VALUES = 12
@@ -58,7 +57,7 @@ def _apply_prefix(net: CompiledNetwork, n_ops: int, x: torch.Tensor,
         elif isinstance(op, LinearOp):
             x = op.apply(x)
         else:
-            x = x * torch.as_tensor(op.scale).to(x.dtype)
+            x = x * op.scale
     return x
 
 
@@ -114,37 +113,26 @@ def _axis_plan(points: torch.Tensor,
     return rise, 0.0, inputs[1:] - inputs[:1]
 
 
-def _deviation_range(net: CompiledNetwork, n_ops: int, dev_in: torch.Tensor,
-                     float32: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _deviation_range(net: CompiledNetwork, n_ops: int,
+                     dev_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(min, max) over the batch of the prefix's linear part of ``dev_in``, a chunk at a time.
 
-    ``float32`` runs the batch in float32 and widens both ends by the rounding bound of
-    :mod:`usn_perception.bounds.rounding`: the error of each output is at most
-    γ·(|L|·|dev|) ≤ γ·|L|·max_batch|dev|, one float64 image through |L|.
+    (Float32 here was measured slower, not faster: the first convolution has one input
+    channel, where oneDNN's float32 path costs more than the float64 im2col one.)
     """
-    if not dev_in.shape[0]:
-        return None
     out = None
-    work = dev_in.float() if float32 else dev_in
-    with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
-        for chunk in work.split(POINT_CHUNK):
-            y = _apply_prefix(net, n_ops, chunk, linear=True)
-            # amin + amax: torch.aminmax over dim 0 is ~10x slower here (torch 2.13, CPU).
-            c_lo, c_hi = y.amin(0), y.amax(0)
-            if out is not None:
-                c_lo, c_hi = torch.minimum(out[0], c_lo), torch.maximum(out[1], c_hi)
-            out = (c_lo, c_hi)
-    if not float32:
-        return out
-    n = 1 + sum(getattr(op, 'fan_in', 0) + 3 for op in net.ops[:n_ops])
-    err = _apply_abs(net, n_ops, dev_in.abs().amax(0, keepdim=True))[0]
-    err = err.mul_(gamma(n) * safety(n)).add_(TINY)
-    return out[0].double() - err, out[1].double() + err
+    for chunk in (dev_in.split(POINT_CHUNK) if dev_in.shape[0] else ()):
+        y = _apply_prefix(net, n_ops, chunk, linear=True)
+        # amin + amax: torch.aminmax over dim 0 is ~10x slower here (torch 2.13, CPU).
+        c_lo, c_hi = y.amin(0), y.amax(0)
+        if out is not None:
+            c_lo, c_hi = torch.minimum(out[0], c_lo), torch.maximum(out[1], c_hi)
+        out = (c_lo, c_hi)
+    return out
 
 
 def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, n_ops: int,
-                 exact: int = EXACT_VALUES,
-                 float32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 exact: int = EXACT_VALUES) -> tuple[torch.Tensor, torch.Tensor]:
     """Forms of the output of ``net.ops[:n_ops]`` over (τ, κ) sub-boxes ``boxes`` (N, 4).
 
     Returns a centre form (N, 3, *shape) in (τ, κ) and a constant radius (N, 1, *shape), in
@@ -157,8 +145,6 @@ def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, 
     Floating point: the breakpoint evaluations are the prefix's own dot products at concrete
     inputs, with the same ulp-level error as every other float64 step of the engine; the slack
     on logit differences absorbs it (docs/certification.md, "Floating-point soundness").
-    ``float32`` evaluates the deviations (most of the work) in float32 with their rounding
-    bounded (see :func:`_deviation_range`).
     """
     if not 0 < n_ops <= linear_prefix(net):
         raise ValueError(f'n_ops must be in 1..{linear_prefix(net)}, got {n_ops}')
@@ -216,7 +202,7 @@ def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, 
     lo = torch.zeros((n, *shape), dtype=centre.dtype, device=centre.device)
     hi = torch.zeros_like(lo)
     for j, dev_in in enumerate(devs):
-        ext = _deviation_range(net, n_ops, dev_in, float32)
+        ext = _deviation_range(net, n_ops, dev_in)
         if ext is not None:
             lo[j // 2] += ext[0].clamp_(max=0.0)
             hi[j // 2] += ext[1].clamp_(min=0.0)
