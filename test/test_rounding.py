@@ -186,7 +186,7 @@ def test_float32_overflow_returns_none_and_certify_falls_back():
     np.testing.assert_array_equal(auto.boxes, f64.boxes)
 
 
-def test_precision_is_resolved_and_unsafe_modes_are_refused():
+def test_precision_is_resolved_and_unsafe_modes_are_refused(monkeypatch):
     assert resolve_precision('float64', torch.device('cpu')) == 'float64'
     assert resolve_precision('auto', torch.device('cpu')) == 'float32'
     assert resolve_precision('float32', torch.device('cpu')) == 'float32'
@@ -202,6 +202,11 @@ def test_precision_is_resolved_and_unsafe_modes_are_refused():
             resolve_precision('float32', torch.device('cpu'))
     finally:
         torch.set_float32_matmul_precision(old)
+    monkeypatch.setattr('platform.machine', lambda: 'aarch64')
+    assert resolve_precision('auto', torch.device('cpu')) == 'float64'
+    with pytest.raises(ValueError, match='x86-64'):
+        resolve_precision('float32', torch.device('cpu'))
+    monkeypatch.undo()
     assert gamma(10) > 10 * 2.0 ** -24
     with pytest.raises(ValueError, match='too large'):
         gamma(2 ** 24)

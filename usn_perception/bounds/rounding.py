@@ -26,13 +26,15 @@ The error model is the standard one for round-to-nearest (u = 2⁻²⁴):
 Every derived bound is multiplied by a safety factor covering the few roundings of the
 bookkeeping itself, and an absolute 2⁻¹⁰⁰ is added per op for flushed subnormals.
 :func:`float32_problem` refuses backends that would break the model (TF32 or bfloat16 "fp32"
-modes; GPUs, whose libraries pick Winograd or FFT freely) and NNPACK (Winograd) is switched
-off while the engine runs. The oneDNN algorithm PyTorch uses on the CPU
+modes; GPUs, whose libraries pick Winograd or FFT freely; CPUs other than x86-64, whose
+convolution backends were not checked) and NNPACK (Winograd) is switched off while the engine
+runs. The oneDNN algorithm PyTorch uses on the CPU
 (``convolution_direct``) is checked by a test that reads oneDNN's own log.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
@@ -67,6 +69,9 @@ def float32_problem(device: torch.device) -> str | None:
     if torch.device(device).type != 'cpu':
         return (f'float32 bounds run on the CPU only ({device} libraries may use TF32, '
                 'Winograd or FFT convolutions)')
+    if platform.machine().lower() not in ('x86_64', 'amd64'):
+        return (f'float32 bounds are checked on x86-64 CPUs only, this is '
+                f'{platform.machine()!r} (other backends may pick Winograd convolutions)')
     if torch.get_float32_matmul_precision() != 'highest':
         return ('torch.get_float32_matmul_precision() is '
                 f'{torch.get_float32_matmul_precision()!r}, not \'highest\'')
