@@ -82,6 +82,16 @@ def test_fixed_mode_certifies_over_the_configured_box(detector: Detector):
     assert result.interval.beta == pytest.approx((-0.01, 0.01))
 
 
+def test_precision_reaches_the_certificate(detector: Detector):
+    image = np.random.default_rng(3).random((48, 64))
+    for precision in ('float64', 'auto'):
+        pipe = FramePipeline(detector, PipelineSettings(max_subboxes=2, precision=precision))
+        result = pipe.process(image, 0.0)
+        assert result.certify_stats['precision'] == pipe.precision_in_use()
+    with pytest.raises(ValueError, match='precision'):
+        PipelineSettings(precision='half')
+
+
 def test_exact_values_reach_the_certificate(detector: Detector):
     """The setting is the engine's: same boxes as certify_keypoints with that value."""
     from usn_perception.certify import Budget, certify_keypoints
@@ -144,7 +154,8 @@ def test_describe_states_names_hash_and_pixel_convention(detector: Detector):
     assert 'top-left pixel is (0, 0)' in doc['pixel_convention']
     assert doc['status_codes'] == {'NOT_CERTIFIED': 0, 'CERTIFIED': 1, 'OUT_OF_BUDGET': 2,
                                    'SKIPPED': 3}
-    assert doc['certify']['precision'] == 'float32'  # the CPU default (bounds.rounding)
+    assert doc['certify']['precision'] == 'auto'
+    assert doc['certify']['precision_in_use'] == 'float32'  # the x86-64 CPU default
 
 
 def test_pipeline_does_not_import_rclpy():

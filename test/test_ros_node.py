@@ -248,12 +248,24 @@ def test_parameter_changes_apply_or_are_rejected_with_a_reason(harness):
         'readout': ('median', 'readout'),
         'model_path': ('/elsewhere.json', 'read-only'),
         'certify.max_subboxes': (0, 'range'),
+        'certify.precision': ('half', 'precision'),
     }
     for name, (value, word) in rejected.items():
         result = node.set_parameters([Parameter(name, value=value)])[0]
         assert not result.successful, name
         assert word in result.reason.lower() or word in result.reason, (name, result.reason)
     assert node.pipeline.settings == settings  # nothing half-applied
+    # float32 where it is not sound (here: float32 matmul precision lowered) is refused too.
+    import torch
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision('medium')
+        result = node.set_parameters([Parameter('certify.precision', value='float32')])[0]
+        assert not result.successful and 'matmul_precision' in result.reason, result.reason
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert node.set_parameters([Parameter('certify.precision', value='float64')])[0].successful
+    assert node.pipeline.settings.precision == 'float64'
 
 
 def test_malformed_storm_is_counted_and_the_next_valid_frame_is_processed(harness):

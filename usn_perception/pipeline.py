@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from usn_perception.bounds.rounding import resolve_precision
+from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
 from usn_perception.certify import EXACT_VALUES, METHODS, Budget, CertStatus, certify_keypoints
 from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
 from usn_perception.network import READOUTS
@@ -36,7 +36,7 @@ class PipelineSettings:
     ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none; with a limit the number of
     sub-boxes per frame follows the time the previous frames took, see
     :meth:`FramePipeline.subboxes_for_next_frame`), ``max_width_px``
-    (wider boxes are NOT_CERTIFIED, None = no limit) and ``exact_values`` go to
+    (wider boxes are NOT_CERTIFIED, None = no limit), ``exact_values`` and ``precision`` go to
     :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
     ``score_threshold`` are not certified (SKIPPED, NaN box); when none is left, the
     certification is skipped. ``readout`` None uses the model's.
@@ -49,6 +49,7 @@ class PipelineSettings:
     budget_ms: float | None = None
     max_width_px: float | None = None
     exact_values: int = EXACT_VALUES
+    precision: str = 'auto'
     score_threshold: float = 0.0
     interval: IntervalSettings = field(default_factory=IntervalSettings)
 
@@ -67,6 +68,8 @@ class PipelineSettings:
         if not (isinstance(self.exact_values, int) and self.exact_values >= 0):
             raise ValueError(f'exact_values must be a non-negative integer, '
                              f'got {self.exact_values!r}')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}')
         if not 0.0 <= float(self.score_threshold) <= 1.0:
             raise ValueError(f'score_threshold must lie in [0, 1], got {self.score_threshold}')
         if not isinstance(self.interval, IntervalSettings):
@@ -172,6 +175,13 @@ class FramePipeline:
         old = self.ms_per_subbox
         self.ms_per_subbox = sample if old is None else 0.7 * old + 0.3 * sample
 
+    def precision_in_use(self) -> str:
+        """'float32' or 'float64': what ``precision`` means on the detector's device.
+
+        Raises ValueError (with the reason) when 'float32' is asked for where it is not sound.
+        """
+        return resolve_precision(self._settings.precision, self.detector.device)
+
     @property
     def keypoint_names(self) -> tuple[str, ...]:
         """Names of the K keypoints, in output order."""
@@ -192,8 +202,8 @@ class FramePipeline:
             'certify': {'enabled': s.certify, 'method': s.method,
                         'max_subboxes': s.max_subboxes, 'budget_ms': s.budget_ms,
                         'max_width_px': s.max_width_px, 'exact_values': s.exact_values,
-                        'score_threshold': s.score_threshold,
-                        'precision': resolve_precision('auto', self.detector.device)},
+                        'score_threshold': s.score_threshold, 'precision': s.precision,
+                        'precision_in_use': self.precision_in_use()},
             'interval': {'mode': s.interval.mode, 'fixed_alpha': list(s.interval.fixed_alpha),
                          'fixed_beta': list(s.interval.fixed_beta),
                          'margin_alpha': s.interval.margin_alpha,
@@ -226,7 +236,8 @@ class FramePipeline:
                                      method=s.method,
                                      budget=Budget(max_subboxes=n, max_ms=s.budget_ms),
                                      max_width_px=s.max_width_px,
-                                     exact_values=s.exact_values, nominal=pred.keypoints)
+                                     exact_values=s.exact_values, nominal=pred.keypoints,
+                                     precision=s.precision)
             self._learn_cost(n, cert.stats['ms'])
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]

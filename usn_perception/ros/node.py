@@ -48,6 +48,7 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 
+from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
 from usn_perception.certify import EXACT_VALUES, METHODS, CertStatus
 from usn_perception.errors import ImageError
 from usn_perception.interval import MODES, IntervalSettings
@@ -134,6 +135,10 @@ PARAMETERS: dict[str, Param] = {
     'certify.exact_values': Param(EXACT_VALUES, 'clipped pixel values per sub-box bounded '
                                                 'exactly through the first layer; 0 = relax '
                                                 'each pixel (cheaper, looser)', range=(0, 256)),
+    'certify.precision': Param('auto', 'auto: the θ-dependent part of the bounds in float32 '
+                                       'with every rounding error bounded, where that is sound '
+                                       '(x86-64 CPU); float64: float64 throughout; float32: '
+                                       'refused where not sound', choices=PRECISIONS),
 }
 
 
@@ -180,6 +185,7 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         budget_ms=budget_ms if budget_ms > 0 else None,
         max_width_px=width if width > 0 else None,
         exact_values=int(values['certify.exact_values']),
+        precision=values['certify.precision'],
         score_threshold=float(values['score_threshold']),
         interval=interval)
 
@@ -225,7 +231,9 @@ class UsnPerceptionNode(LifecycleNode):
             if p.name in PARAMETERS:
                 values[p.name] = p.value
         try:
-            settings_from(values)
+            settings = settings_from(values)
+            if self.pipeline is not None:  # e.g. 'float32' where it is not sound
+                resolve_precision(settings.precision, self.pipeline.detector.device)
         except (ValueError, TypeError) as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
@@ -252,6 +260,7 @@ class UsnPerceptionNode(LifecycleNode):
             device = str(resolve_device(values['device']))
             detector = load_detector(values['model_path'] or None, device=device)
             self.pipeline = FramePipeline(detector, settings_from(values))
+            self.pipeline.precision_in_use()  # refuses 'float32' where it is not sound
         except Exception as exc:  # noqa: BLE001 - any load failure must be reported, not raised
             self.stats.error = f'configure failed: {exc}'
             self.get_logger().fatal(self.stats.error)
