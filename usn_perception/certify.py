@@ -266,7 +266,7 @@ def certify_keypoints(
     one forward pass per frame (the image is still validated). ``precision``: 'float32' runs
     the θ-dependent part of the parallel-ReLU passes in float32 with every rounding error
     added to the bounds (:mod:`usn_perception.bounds.rounding`), 'float64'
-    in float64, 'auto' (default) float32 where that is sound (CPU, no reduced-precision
+    in float64, 'auto' (default) float32 where that is sound (x86-64 CPU, no reduced-precision
     float32 modes). Raises
     ``ValueError`` on a bad box, method, readout, relu or budget,
     :class:`~usn_perception.errors.ImageError` on a bad image and

@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from usn_perception.bounds.forms import box_view
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
 
@@ -105,19 +106,12 @@ def _up32(x: torch.Tensor) -> torch.Tensor:
 
 def _half_widths(boxes: torch.Tensor, k: int, ndim: int) -> torch.Tensor:
     """(N, k − 1, 1, …) float32 h_j ≥ |θ − θc|_j on each sub-box (1 for generators)."""
-    half = 0.5 * torch.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], 1)
+    ac, ar, bc, br = box_view(boxes, 1)
     # The float64 centre is itself rounded: cover |θc − fl(θc)| too.
-    mid = 0.5 * torch.stack([boxes[:, 1] + boxes[:, 0], boxes[:, 3] + boxes[:, 2]], 1)
-    half = half + mid.abs() * 2.0 ** -50
+    half = torch.stack([ar + ac.abs() * 2.0 ** -50, br + bc.abs() * 2.0 ** -50], 1)
     ones = torch.ones((boxes.shape[0], k - 3), dtype=half.dtype, device=half.device)
     h = _up32(torch.cat([half, ones], 1))
     return h.view(*h.shape, *(1,) * (ndim - 1))
-
-
-def _centre_theta(boxes: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    view = (-1,) + (1,) * (ndim - 1)
-    return (0.5 * (boxes[:, 0] + boxes[:, 1])).view(view), (
-        0.5 * (boxes[:, 2] + boxes[:, 3])).view(view)
 
 
 def _variation(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -130,7 +124,7 @@ def to_centred(centre: torch.Tensor, radius: torch.Tensor,
     """Engine forms (C, R) in float64 → (v0 float64, V float32, r float32) at the centre."""
     if radius.shape[1] != 1 or centre.shape[1] < 3:
         raise ValueError('float32 propagation needs θ-forms (k >= 3) and a constant radius')
-    ac, bc = _centre_theta(boxes, centre.ndim - 1)
+    ac, _, bc, _ = box_view(boxes, centre.ndim - 1)
     v0 = centre[:, 0] + centre[:, 1] * ac + centre[:, 2] * bc
     v = centre[:, 1:]
     h = _half_widths(boxes, centre.shape[1], centre.ndim - 1).double()
@@ -142,7 +136,7 @@ def to_centred(centre: torch.Tensor, radius: torch.Tensor,
 def from_centred(v0: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
                  boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(v0, V, r) → the engine's float64 (C, R) forms in absolute θ."""
-    ac, bc = _centre_theta(boxes, v0.ndim)
+    ac, _, bc, _ = box_view(boxes, v0.ndim)
     coeff = v.double()
     c0 = v0 - coeff[:, 0] * ac - coeff[:, 1] * bc
     return torch.cat([c0[:, None], coeff], 1), r.double()[:, None]
