@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image, PointCloud2
 
+    from usn_perception.ros.diagnostics import status_values
     from usn_perception.ros.pointcloud import decode_keypoints
 
     cmd = [sys.executable, '-m', 'usn_perception.ros.node', '--ros-args', '--params-file',
@@ -174,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         for status in msg.status:
             if status.name.startswith('usn_perception'):
                 stages.clear()
-                stages.update({kv.key[len('latency_'):]: float(kv.value) for kv in status.values
-                               if kv.key.startswith('latency_')})
+                stages.update({k[len('latency_'):]: float(v)
+                               for k, v in status_values(status).items()
+                               if k.startswith('latency_')})
 
     probe.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
     frames = _frames(width, height, max(1, round(period * args.rate)), scenes=args.scenes,
