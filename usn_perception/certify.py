@@ -10,6 +10,7 @@ splitting θ within a :class:`Budget`, and maps the hull to image pixels roundin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
@@ -19,6 +20,7 @@ import torch
 
 from usn_perception.bounds.box import Budget, PhotometricBox, box_centres
 from usn_perception.bounds.forms import collapse_generators, form_at
+from usn_perception.bounds.free import free_forms, free_radius
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
 from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
@@ -34,6 +36,8 @@ from usn_perception.bounds.split import RefineResult, refine
 from usn_perception.bounds.thresholds import (
     SCALE_FREE_READOUTS,
     ambiguous_mass,
+    carve_free,
+    free_mask,
     is_homogeneous,
     threshold_row,
     threshold_splits,
@@ -57,6 +61,11 @@ GROUP = 16
 #: A fixed per-frame amount of work (deterministic), the "node budget" of the benchmarks; the
 #: node itself uses its certify.max_subboxes / certify.budget_ms parameters.
 NODE_BUDGET = Budget(max_subboxes=3)
+#: Free sub-boxes (no pixel clipped, :mod:`usn_perception.bounds.free`) are bounded from the
+#: nominal heatmaps when their radius stays below this fraction of the largest logit, 100x
+#: under the readouts' rounding slack (1e-7); otherwise (a network whose |W| chain amplifies
+#: rounding too much) they are propagated like any other sub-box, which is then tighter.
+FREE_TOLERANCE = 1e-9
 #: Offline (reports, evaluation): tight boxes at a few seconds per image.
 OFFLINE_BUDGET = Budget(max_subboxes=96)
 
@@ -125,8 +134,14 @@ class _Evaluator:
     def __init__(self, net: CompiledNetwork, enc: ImageEncoding, method: str, readout: str,
                  heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool,
                  generators: int = 0, thresholds: bool = False, exact_values: int = 0,
-                 float32: bool = False) -> None:
+                 float32: bool = False, free: Callable | None = None,
+                 logits: Callable[[], torch.Tensor] | None = None) -> None:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
+        # Free sub-boxes (no pixel clipped, bounds.free): ``free(boxes)`` marks them and
+        # ``logits()`` gives the nominal heatmaps they are bounded from.
+        self.free = free if thresholds and method == 'forward' and logits is not None else None
+        self.logits = logits
+        self.free_leaves = 0
         self.float32 = float32  # parallel-ReLU passes in float32 (bounds.rounding)
         self.float32_fallbacks = 0  # batches redone in float64 after a float32 overflow
         self.relu = 'interval' if method == 'ibp' else relu
@@ -151,6 +166,30 @@ class _Evaluator:
         return self.enc.forms(part, self.generators)
 
     def _bound(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
+        free = self.free(part) if self.free is not None and relu != 'interval' else None
+        if free is None or not bool(free.any()):
+            c, r = self._propagate(part, relu, deadline)
+        else:
+            self.free_leaves += int(free.sum())
+            c, r = free_forms(self.logits(), part[free], free_radius(self.net, self.enc))
+            if not bool(free.all()):
+                cp, rp = self._propagate(part[~free], relu, deadline)
+                if rp.shape[1] > r.shape[1]:  # a radius form (adaptive ReLU): θ-parts 0
+                    r = torch.cat([r, r.new_zeros((r.shape[0], rp.shape[1] - 1,
+                                                   *r.shape[2:]))], 1)
+                order = torch.cat([torch.nonzero(~free)[:, 0], torch.nonzero(free)[:, 0]])
+                back = torch.empty_like(order)
+                back[order] = torch.arange(order.numel(), device=order.device)
+                c, r = torch.cat([cp, c])[back], torch.cat([rp, r])[back]
+        bound_readout = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
+                         'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}[self.readout]
+        bounds = bound_readout(c, r, part, self.grid)
+        logits = form_at(c, box_centres(part)).view(part.shape[0], -1, *self.heatmap_hw)
+        est = read_keypoints(logits, self.readout)
+        return bounds, est
+
+    def _propagate(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
+        """Output forms (C (n, 3, K, P), R (n, kr, K, P)) of the network on sub-boxes ``part``."""
         # The input stage and the readout bound cost the same whatever the network's width,
         # so they run once per group of sub-boxes; the network, per chunk (see _chunk_size).
         skip = 0
@@ -174,14 +213,7 @@ class _Evaluator:
             c, r, unstable = out
             self.unstable += int(unstable.sum())
             outs.append(collapse_generators(c.flatten(3), r.flatten(3)))
-        c = torch.cat([o[0] for o in outs])
-        r = torch.cat([o[1] for o in outs])
-        bound_readout = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
-                         'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}[self.readout]
-        bounds = bound_readout(c, r, part, self.grid)
-        logits = form_at(c, box_centres(part)).view(part.shape[0], -1, *self.heatmap_hw)
-        est = read_keypoints(logits, self.readout)
-        return bounds, est
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def __call__(self, boxes: torch.Tensor, deadline: float | None) -> tuple:
         bounds, est = [], []
@@ -243,6 +275,7 @@ def certify_keypoints(
     exact_values: int = EXACT_VALUES,
     nominal: np.ndarray | None = None,
     precision: str = 'auto',
+    nominal_heatmaps: torch.Tensor | None = None,
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -263,7 +296,9 @@ def certify_keypoints(
     at their breakpoints (:mod:`usn_perception.bounds.prefix`), instead of relaxing each
     clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser).
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
-    one forward pass per frame (the image is still validated). ``precision``: 'float32' runs
+    one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
+    with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes
+    are bounded from (checked: they must read ``nominal``). ``precision``: 'float32' runs
     the θ-dependent part of the parallel-ReLU passes in float32 with every rounding error
     added to the bounds (:mod:`usn_perception.bounds.rounding`), 'float64'
     in float64, 'auto' (default) float32 where that is sound (x86-64 CPU, no reduced-precision
@@ -296,11 +331,16 @@ def certify_keypoints(
     deadline = None if budget.max_ms is None else t0 + budget.max_ms / 1000.0
     k = len(detector.keypoint_names)
     if nominal is None:
-        nominal = detector.predict(image, readout=readout)  # validates the image too
+        if nominal_heatmaps is not None:
+            raise ValueError('nominal_heatmaps needs the nominal keypoints they read')
+        pred = detector.run(image, readout=readout)  # validates the image too
+        nominal, nominal_heatmaps = pred.keypoints, pred.heatmaps
     else:
         nominal = np.asarray(nominal, dtype=np.float64)
         if nominal.shape != (k, 2):
             raise ValueError(f'nominal must be ({k}, 2) keypoints, got shape {nominal.shape}')
+        if nominal_heatmaps is not None:
+            _check_heatmaps(detector, image.shape, nominal_heatmaps, nominal, readout)
     enc = ImageEncoding(image, detector.config.input_size, detector.device)
     net = compile_network(detector.net, enc.shape)
     w_h, h_h = detector.config.heatmap_size
@@ -309,11 +349,26 @@ def certify_keypoints(
             f'network output {net.output_shape} is not {k} heatmaps of {h_h}x{w_h}')
     root = _threshold_root(net, box, readout, method, coordinates)
     thresholds = root is not None
+    heatmaps: list[torch.Tensor] = [] if nominal_heatmaps is None else [nominal_heatmaps]
+
+    def logits() -> torch.Tensor:
+        if not heatmaps:
+            heatmaps.append(detector.heatmaps(image))
+        return heatmaps[0].to(enc.device, torch.float64)
+
+    is_free = None
+    if thresholds and method == 'forward' and carve_free(root, enc.values,
+                                                         enc.value_weights)[0].shape[0]:
+        tau = float(root[0, :2].abs().max())
+        if tau * float(free_radius(net, enc).max()) <= FREE_TOLERANCE * float(
+                logits().abs().max()):
+            is_free = partial(free_mask, values=enc.values, weights=enc.value_weights)
     evaluate = _Evaluator(net, enc, method, readout, (h_h, w_h), relu,
                           _chunk_size(net, 0 if thresholds else generators),
                           ibp_root=not thresholds,
                           generators=0 if thresholds else generators, thresholds=thresholds,
-                          exact_values=exact_values, float32=precision == 'float32')
+                          exact_values=exact_values, float32=precision == 'float32',
+                          free=is_free, logits=logits)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
              'precision': precision if evaluate.relu == 'parallel' else 'float64',
              'coordinates': 'thresholds' if thresholds else 'theta',
@@ -323,7 +378,10 @@ def certify_keypoints(
         # Partition first by ambiguous pixel mass, then refine adaptively with what is left.
         how = {'splitter': partial(threshold_splits, values=enc.values,
                                    weights=enc.value_weights),
-               'priority': partial(ambiguous_mass, values=enc.values, weights=enc.value_weights)}
+               'priority': partial(ambiguous_mass, values=enc.values, weights=enc.value_weights),
+               'carve': partial(carve_free, values=enc.values, weights=enc.value_weights)
+               if is_free is not None else None,
+               'free': is_free}
     else:
         root = box.as_row()
         how = {'intensity': enc.mean_intensity()}
@@ -348,9 +406,23 @@ def certify_keypoints(
         status[too_wide] = int(CertStatus.NOT_CERTIFIED)
     stats.update(subboxes=result.evaluated, leaves=int(result.boxes.shape[0]),
                  passes=result.passes, first_pass=result.first_pass, stopped=result.stopped,
+                 free_leaves=evaluate.free_leaves,
                  unstable_relus=evaluate.unstable, float32_fallbacks=evaluate.float32_fallbacks,
                  ms=(time.perf_counter() - t0) * 1000.0)
     return cert
+
+
+def _check_heatmaps(detector, image_shape: tuple[int, ...], heatmaps: torch.Tensor,
+                    nominal: np.ndarray, readout: str) -> None:
+    """Refuse caller heatmaps that are not the ones ``nominal`` was read from."""
+    w_h, h_h = detector.config.heatmap_size
+    shape = (len(detector.keypoint_names), h_h, w_h)
+    if not isinstance(heatmaps, torch.Tensor) or tuple(heatmaps.shape) != shape or (
+            heatmaps.dtype != torch.float64):
+        raise ValueError(f'nominal_heatmaps must be a float64 tensor of shape {shape}')
+    uv = read_keypoints(heatmaps, readout).cpu().numpy()
+    if not np.array_equal(detector.mapping(image_shape).to_image(uv), nominal):
+        raise ValueError('nominal_heatmaps do not read the nominal keypoints given')
 
 
 def _to_pixels(detector, image_shape: tuple[int, ...], result: RefineResult) -> np.ndarray:

@@ -237,6 +237,7 @@ class FramePipeline:
                                      budget=Budget(max_subboxes=n, max_ms=s.budget_ms),
                                      max_width_px=s.max_width_px,
                                      exact_values=s.exact_values, nominal=pred.keypoints,
+                                     nominal_heatmaps=pred.heatmaps,
                                      precision=s.precision)
             self._learn_cost(n, cert.stats['ms'])
             boxes[wanted] = cert.boxes[wanted]

@@ -77,6 +77,8 @@ class CompiledNetwork:
     output_shape: tuple[int, ...]
     max_numel: int
     fingerprint: tuple = field(repr=False, default=())
+    #: Image-independent quantities derived from the ops (e.g. :mod:`.free`'s radius).
+    memo: dict = field(repr=False, compare=False, default_factory=dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain evaluation through the compiled ops (used to check the compilation)."""

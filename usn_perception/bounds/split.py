@@ -94,15 +94,27 @@ Splitter = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Priority = Callable[[torch.Tensor], torch.Tensor]
 
 
+#: carve(root (1, 4)) -> (free leaves (f, 4), the rest (m, 4)): free leaves cost no propagation
+Carver = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def partition(root: torch.Tensor, count: int, splitter: Splitter,
-              priority: Priority) -> torch.Tensor:
+              priority: Priority, carve: Carver | None = None) -> torch.Tensor:
     """Cut ``root`` (1, 4) into at most ``count`` leaves without bounding any of them.
 
-    Greedy: the leaf of highest priority is cut (where ``splitter`` says) until there are
-    ``count`` leaves or no leaf has a positive priority. The leaves tile the root exactly
-    (every cut is shared by both children, :func:`split_boxes`).
+    With ``carve``, its free leaves come first when the rest fits in ``count`` leaves; they
+    are returned last and do not count. Then greedy: the leaf of highest priority is cut
+    (where ``splitter`` says) until there are ``count`` leaves or no leaf has a positive
+    priority. The leaves tile the root exactly (every cut is shared by both children,
+    :func:`split_boxes`).
     """
-    leaves = root
+    leaves, free = root, root[:0]
+    if carve is not None:
+        carved, rest = carve(root)
+        if carved.shape[0] and rest.shape[0] <= count:
+            leaves, free = rest, carved
+    if leaves.shape[0] == 0:
+        return free
     score = priority(leaves)
     while leaves.shape[0] < count:
         i = int(score.argmax())
@@ -112,30 +124,38 @@ def partition(root: torch.Tensor, count: int, splitter: Splitter,
         keep = torch.arange(leaves.shape[0], device=leaves.device) != i
         leaves = torch.cat([leaves[keep], children])
         score = torch.cat([score[keep], priority(children)])
-    return leaves
+    return torch.cat([leaves, free])
 
 
 def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity: float = 0.5,
            deadline: float | None = None, splitter: Splitter | None = None,
-           priority: Priority | None = None) -> RefineResult:
+           priority: Priority | None = None, carve: Carver | None = None,
+           free: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RefineResult:
     """Bound ``root`` (1, 4), then split adaptively until the budget is spent.
 
     ``splitter`` chooses the axis and cut of each box to split (default: :func:`split_dims`
     and :func:`split_points`, for (α, β) boxes, trading α against β by the image's mean
     ``intensity``). With ``priority`` the first pass bounds the
     :func:`partition` of the root into up to ``budget.max_subboxes`` leaves instead of the
-    root alone. Raises :class:`BudgetExceeded` only when that first pass misses the deadline.
+    root alone (``carve``: see :func:`partition`). ``free(boxes) -> (n,) bool`` marks the
+    sub-boxes ``evaluate`` bounds without propagation: they do not count against the budget.
+    Raises :class:`BudgetExceeded` only when that first pass misses the deadline.
     """
     if splitter is None:
         def splitter(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return split_dims(parents, intensity), split_points(parents)
+
+    def work(boxes: torch.Tensor) -> int:
+        return int(boxes.shape[0] if free is None else (~free(boxes)).sum())
+
     if priority is not None:
-        root = partition(root, budget.max_subboxes, splitter, priority)
+        root = partition(root, budget.max_subboxes, splitter, priority, carve)
     t0 = time.perf_counter()
     bounds, est = evaluate(root, deadline)
-    per_box = (time.perf_counter() - t0) / root.shape[0]
     first_pass = root.shape[0]
-    boxes, evaluated, passes, stopped = root, first_pass, 1, 'budget'
+    evaluated = work(root)
+    per_box = (time.perf_counter() - t0) / max(1, evaluated)
+    boxes, passes, stopped = root, 1, 'budget'
     est_lo, est_hi = est.min(0).values, est.max(0).values
     while True:
         room = budget.max_subboxes - evaluated
@@ -145,6 +165,8 @@ def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity
             stopped = 'time' if budget.max_subboxes - evaluated >= 2 else 'budget'
             break
         splittable = ((boxes[:, 1] > boxes[:, 0]) | (boxes[:, 3] > boxes[:, 2]))
+        if free is not None:  # bounded as tightly as the readout allows already
+            splittable &= ~free(boxes)
         score = _scores(bounds, est_lo, est_hi, splittable)
         n_split = min(int((score > 0).sum()), room // 2)
         if n_split == 0:
@@ -159,7 +181,7 @@ def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity
         except BudgetExceeded:
             stopped = 'time'
             break
-        per_box = (time.perf_counter() - t1) / children.shape[0]
+        per_box = (time.perf_counter() - t1) / max(1, work(children))
         parent = bounds[chosen].repeat_interleave(2, 0)
         child_bounds = torch.stack([
             torch.maximum(child_bounds[..., 0], parent[..., 0]),
@@ -172,6 +194,6 @@ def refine(evaluate: Evaluator, root: torch.Tensor, budget: Budget, *, intensity
         bounds = torch.cat([bounds[keep], child_bounds])
         est_lo = torch.minimum(est_lo, child_est.min(0).values)
         est_hi = torch.maximum(est_hi, child_est.max(0).values)
-        evaluated += children.shape[0]
+        evaluated += work(children)
         passes += 1
     return RefineResult(boxes, bounds, evaluated, passes, stopped, first_pass)

@@ -76,6 +76,50 @@ def _inside(boxes: torch.Tensor, values: torch.Tensor,
     return inside, w
 
 
+def _present_range(values: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """(smallest, largest) pixel value present in the image (positive resize weight)."""
+    present = values[weights > 0]
+    return float(present.min()), float(present.max())
+
+
+def free_mask(boxes: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: no present pixel value is clipped anywhere on the (τ, κ) sub-box.
+
+    There the input is ``x − τ`` for every τ in the sub-box: a constant image minus a constant,
+    which a homogeneous network with a zero-sum first filter maps to the nominal heatmaps. Such
+    a *free* sub-box needs no propagation (:func:`usn_perception.bounds.free.free_forms`).
+    """
+    v_min, v_max = _present_range(values, weights)
+    return (boxes[:, 1] <= v_min) & (boxes[:, 2] >= v_max)
+
+
+def carve_free(root: torch.Tensor, values: torch.Tensor,
+               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``root`` (1, 4) into its free part and the rest: ((0 or 1, 4), (0 to 2, 4)).
+
+    The free part is ``[τ_lo, v_min] × [v_max, κ_hi]`` (no value clipped: see
+    :func:`free_mask`); on a box whose interior holds the identity it is never empty. The rest
+    is cut along the same lines (``[v_min, τ_hi] × [κ_lo, κ_hi]`` and
+    ``[τ_lo, v_min] × [κ_lo, v_max]``), so the pieces tile the root exactly. No free part:
+    ``(empty, root)``.
+    """
+    v_min, v_max = _present_range(values, weights)
+    t_lo, t_hi, k_lo, k_hi = (float(v) for v in root[0])
+    a, b = min(v_min, t_hi), max(v_max, k_lo)
+    empty = root[:0]
+    usable_t = a > t_lo or (a == t_lo and t_lo == t_hi)
+    usable_k = b < k_hi or (b == k_hi and k_lo == k_hi)
+    if not (usable_t and usable_k):
+        return empty, root
+    free = root.new_tensor([[t_lo, a, b, k_hi]])
+    rest = []
+    if a < t_hi:
+        rest.append([a, t_hi, k_lo, k_hi])
+    if b > k_lo:
+        rest.append([t_lo, a, k_lo, b])
+    return free, root.new_tensor(rest).view(-1, 4)
+
+
 def ambiguous_mass(boxes: torch.Tensor, values: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
     """(n,) resize weight of the pixel values that are ambiguous on each (τ, κ) sub-box.
