@@ -91,6 +91,16 @@ def test_float32_forms_bound_the_network_at_every_theta(seed, widths, arch, kind
     c32, r32, _ = out
     c64, r64, _ = propagate(net, centre, radius, boxes)
     assert c32.dtype == F64 and r32.shape[1] == 1
+    _assert_contains(net, centre, c32, r32, boxes)
+    # As tight as float64: the rounding terms scale with the variation, not the activations.
+    w32 = float((r32[:, 0] + c32[:, 1:].abs().sum(1)).max())
+    w64 = float((r64[:, 0] + c64[:, 1:].abs().sum(1)).max())
+    assert w32 <= w64 * 1.01 + 1e-12  # (a neuron the slack makes unstable adds a little)
+
+
+def _assert_contains(net, centre: torch.Tensor, c32: torch.Tensor, r32: torch.Tensor,
+                     boxes: torch.Tensor) -> None:
+    """The output forms contain the float64 network at every θ of a 5×5 grid per sub-box."""
     for theta in _grid(boxes):
         x = form_at(centre, theta)  # the exact input at θ
         z = net.forward(x)
@@ -99,10 +109,22 @@ def test_float32_forms_bound_the_network_at_every_theta(seed, widths, arch, kind
         tol = 1e-12 * (1.0 + z.abs())
         assert bool((z >= mid - r32[:, 0] - tol).all()), 'a value escapes below'
         assert bool((z <= mid + r32[:, 0] + tol).all()), 'a value escapes above'
-    # As tight as float64: the rounding terms scale with the variation, not the activations.
-    w32 = float((r32[:, 0] + c32[:, 1:].abs().sum(1)).max())
-    w64 = float((r64[:, 0] + c64[:, 1:].abs().sum(1)).max())
-    assert w32 <= w64 * 1.01 + 1e-12  # (a neuron the slack makes unstable adds a little)
+
+
+@pytest.mark.parametrize('idle', ['kappa', 'tau'])
+@pytest.mark.parametrize('kind', ['random', 'dark'])
+def test_idle_axes_are_folded_into_the_radius_not_propagated(idle, kind):
+    """κ when nothing bright clips (exactly 0), τ behind a zero-sum filter (rounding-level)."""
+    net = compile_network(_network(0, (4, 6, 6, 8, 8, 8, 8, 6, 6), 'homogeneous'), (1, 24, 32))
+    centre, radius, boxes = _input_forms(7 + len(kind), kind, 4)
+    j = 2 if idle == 'kappa' else 1
+    centre[:, j] *= 0.0 if idle == 'kappa' else 1e-20
+    c32, r32, _ = propagate_float32(net, centre, radius, boxes)
+    assert bool((c32[:, j] == 0).all())  # dropped: not a single coefficient propagated
+    assert bool((c32[:, 3 - j] != 0).any())
+    _assert_contains(net, centre, c32, r32, boxes)
+    if idle == 'tau':  # the fold is what covers the tiny axis: the radius is not zero
+        assert bool((r32[0, 0] > 0).any())
 
 
 def test_every_supported_layer_kind_is_bounded_in_float32():

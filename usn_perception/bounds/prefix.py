@@ -153,11 +153,13 @@ def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, 
     masks = [_split_values(row, enc, exact) for row in rows]
     keep = torch.stack([m[0] for m in masks])
     relaxed = torch.stack([m[1] for m in masks])  # (N, V)
-    # Every breakpoint of every sub-box, evaluated with one gather.
+    # Every breakpoint of every sub-box, evaluated with one gather. Where no present value
+    # exceeds κ_lo nothing clips at the top on the sub-box: G(κ) is constant, one point.
+    v_max = float(enc.values[enc.value_weights > 0].max())
     axes, taus, kappas, owner = [], [], [], []
     for i, (t_lo, t_hi, k_lo, k_hi) in enumerate(rows):
         t_pts = _breakpoints(t_lo, t_hi, enc.values[keep[i]])
-        k_pts = _breakpoints(k_lo, k_hi, enc.values[keep[i]])
+        k_pts = _breakpoints(k_lo, k_lo if v_max <= k_lo else k_hi, enc.values[keep[i]])
         axes.append((t_pts, k_pts))
         taus += [t_pts, torch.full_like(k_pts, t_lo)]
         kappas += [torch.full_like(t_pts, k_lo), k_pts]

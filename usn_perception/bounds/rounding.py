@@ -48,6 +48,11 @@ PRECISIONS = ('auto', 'float64', 'float32')
 U32 = 2.0 ** -24
 #: Absolute slack per op: covers subnormals flushed to zero (each loses < 2⁻¹²⁶).
 TINY = 2.0 ** -100
+#: A θ-axis whose terms |vj|·h_j stay below this fraction of the largest centre value on
+#: every neuron is folded into the radius instead of propagated: exactly 0 for κ when no
+#: bright pixel clips, rounding-level for τ behind a zero-sum first filter when no dark one
+#: does (the propagation then moves one coefficient image per layer instead of two).
+IDLE_AXIS = 1e-12
 #: Lifts a float64 value above itself before rounding it to float32 (2 float32 ulps).
 UP32 = 1.0 + 2.0 ** -22
 
@@ -119,25 +124,48 @@ def _variation(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (v.abs() * h).sum(1)
 
 
-def to_centred(centre: torch.Tensor, radius: torch.Tensor,
-               boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Engine forms (C, R) in float64 → (v0 float64, V float32, r float32) at the centre."""
+def to_centred(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,
+               drop_idle: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Engine forms (C, R) in float64 → (v0 float64, V float32, r float32, kept) at the centre.
+
+    With ``drop_idle`` a θ-axis whose terms |vj|·h_j stay below :data:`IDLE_AXIS` of the
+    largest |v0| on every neuron and sub-box is folded into the radius (a sound bound of its
+    contribution) and left out of V; ``kept`` lists the coefficient channels V holds.
+    """
     if radius.shape[1] != 1 or centre.shape[1] < 3:
         raise ValueError('float32 propagation needs θ-forms (k >= 3) and a constant radius')
     ac, _, bc, _ = box_view(boxes, centre.ndim - 1)
     v0 = centre[:, 0] + centre[:, 1] * ac + centre[:, 2] * bc
     v = centre[:, 1:]
     h = _half_widths(boxes, centre.shape[1], centre.ndim - 1).double()
-    # Rounding V to float32 moves each term by ≤ u·|vj|·h_j.
-    err = (v.abs() * h).sum(1) * (2.0 * U32)
-    return v0, v.float(), _up32((radius[:, 0] + err) * safety(4) + TINY)
+    terms = v.abs() * h
+    kept = list(range(v.shape[1]))
+    if drop_idle:
+        limit = IDLE_AXIS * float(v0.abs().max())
+        peak = terms[:, :2].transpose(0, 1).flatten(1).amax(1)
+        idle = [j for j in (0, 1) if float(peak[j]) <= limit]
+        if len(idle) < len(kept):  # keep at least one channel
+            kept = [j for j in kept if j not in idle]
+    # Rounding V to float32 moves each term by ≤ u·|vj|·h_j; a dropped axis moves z by ≤ |vj|·h_j.
+    extra = terms.sum(1) * (2.0 * U32)
+    for j in range(v.shape[1]):
+        if j not in kept:
+            extra = extra + terms[:, j]
+    return v0, v[:, kept].float(), _up32((radius[:, 0] + extra) * safety(8) + TINY), kept
 
 
-def from_centred(v0: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
-                 boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v0, V, r) → the engine's float64 (C, R) forms in absolute θ."""
+def from_centred(v0: torch.Tensor, v: torch.Tensor, r: torch.Tensor, boxes: torch.Tensor,
+                 kept: list | None = None, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v0, V, r) → the engine's float64 (C, R) forms (k components) in absolute θ.
+
+    ``kept``: the coefficient channels V holds (the others are 0: folded into r).
+    """
     ac, _, bc, _ = box_view(boxes, v0.ndim)
-    coeff = v.double()
+    if kept is None or len(kept) == k - 1:
+        coeff = v.double()
+    else:
+        coeff = v0.new_zeros((v0.shape[0], k - 1, *v0.shape[1:]))
+        coeff[:, kept] = v.double()
     c0 = v0 - coeff[:, 0] * ac - coeff[:, 1] * bc
     return torch.cat([c0[:, None], coeff], 1), r.double()[:, None]
 
@@ -212,8 +240,9 @@ def propagate_float32(net: CompiledNetwork, centre: torch.Tensor, radius: torch.
     checks :func:`float32_problem` first. Returns None when a float32 value overflowed (the
     caller falls back to float64 for those sub-boxes).
     """
-    v0, v, r = to_centred(centre, radius, boxes)
-    h = _half_widths(boxes, centre.shape[1], v0.ndim)
+    k = centre.shape[1]
+    v0, v, r, kept = to_centred(centre, radius, boxes, drop_idle=True)
+    h = _half_widths(boxes, k, v0.ndim)[:, kept]
     unstable = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
     m = None  # Σ_j |vj|·h_j when the previous op provides it
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
@@ -221,7 +250,7 @@ def propagate_float32(net: CompiledNetwork, centre: torch.Tensor, radius: torch.
             if deadline is not None and time.perf_counter() > deadline:
                 raise BudgetExceeded
             if h.ndim != v.ndim:
-                h = _half_widths(boxes, centre.shape[1], v0.ndim)
+                h = _half_widths(boxes, k, v0.ndim)[:, kept]
             if isinstance(op, LinearOp):
                 v0, v, r, m = _linear32(op, v0, v, r, m, h)
             elif isinstance(op, AffineOp):
@@ -231,4 +260,4 @@ def propagate_float32(net: CompiledNetwork, centre: torch.Tensor, radius: torch.
                 unstable += n
     if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(v).all())):
         return None
-    return (*from_centred(v0, v, r, boxes), unstable)
+    return (*from_centred(v0, v, r, boxes, kept, k), unstable)
