@@ -162,13 +162,15 @@ def test_refine_neither_counts_nor_splits_free_leaves():
 # --- the radius ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('zero_sum', [True, False])
-@pytest.mark.parametrize('seed', [0, 1])
-def test_free_radius_bounds_how_far_the_logits_move(seed, zero_sum):
+@pytest.mark.parametrize('seed, colour', [(0, False), (1, False), (2, True)])
+def test_free_radius_bounds_how_far_the_logits_move(seed, colour, zero_sum):
     det = homogeneous_shallow(seed)
     if not zero_sum:  # a first filter with a real response to brightness: R must cover it
         with torch.no_grad():
             det.net[1].weight.add_(0.05)
     image = mid_image(seed)
+    if colour:  # the gray mix's weights join the resize weights' sum S
+        image = np.stack([image, 0.9 * image + 0.03, 0.95 - image], -1)
     enc = ImageEncoding(image, det.config.input_size)
     radius = free_radius(compile_network(det.net, enc.shape), enc)
     nominal = det.heatmaps(image).flatten(1)
@@ -212,6 +214,22 @@ def test_partly_clipped_images_with_free_leaves_have_no_escapes(seed):
             cert = certify_keypoints(det, image, box, budget=Budget(n))
             assert cert.stats['subboxes'] <= n
             assert_sound(det, image, box, cert, 'local-centroid', grid=7)
+
+
+@pytest.mark.parametrize('kind', ['rgb8', 'mono16'])
+def test_free_leaves_on_rgb_and_16_bit_frames_have_no_escapes(kind):
+    """Colour frames (the gray mix joins the resize weights) and 16-bit ones (many values)."""
+    det = homogeneous_shallow(2, 'local-centroid')
+    base = mid_image(5, lo=0.002, hi=0.9)
+    if kind == 'rgb8':
+        rgb = np.stack([base, 0.8 * base + 0.05, 0.9 - 0.85 * base], -1)  # none near white
+        image = np.round(rgb * 255).astype(np.uint8)
+    else:
+        image = np.round(base * 65535).astype(np.uint16)
+    for n in (1, 3):
+        cert = certify_keypoints(det, image, NODE_BOX, budget=Budget(n))
+        assert cert.stats['free_leaves'] >= 1
+        assert_sound(det, image, NODE_BOX, cert, 'local-centroid', grid=7)
 
 
 @pytest.mark.skipif(not DEFAULT.exists(), reason='shipped model not present')
