@@ -30,6 +30,20 @@ def image_to_float(image: np.ndarray) -> np.ndarray:
     perturbation that certificates speak about. Raises :class:`ImageError` on empty images,
     wrong shapes, NaN/inf pixels or float values outside [0, 1].
     """
+    image = check_image(image)
+    if image.dtype == np.uint8:
+        return image.astype(np.float64) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float64) / 65535.0
+    return image.astype(np.float64, copy=False)
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    """Validate ``image`` as :func:`image_to_float` does and return it HxW or HxWx3, unconverted.
+
+    For callers that read the integer codes themselves (the bound engine's value table) and
+    need no float copy of the frame.
+    """
     if not isinstance(image, np.ndarray):
         raise ImageError(f'image must be a numpy array, got {type(image).__name__}')
     if image.ndim == 3 and image.shape[2] == 1:
@@ -38,18 +52,15 @@ def image_to_float(image: np.ndarray) -> np.ndarray:
         raise ImageError(f'image must be HxW or HxWx3, got shape {image.shape}')
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ImageError(f'image is empty or too small: shape {image.shape}')
-    if image.dtype == np.uint8:
-        return image.astype(np.float64) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float64) / 65535.0
+    if image.dtype in (np.uint8, np.uint16):
+        return image
     if np.issubdtype(image.dtype, np.floating):
-        out = image.astype(np.float64, copy=False)
-        if not np.isfinite(out).all():
+        if not np.isfinite(image).all():
             raise ImageError('image holds NaN or infinite pixels')
-        lo, hi = float(out.min()), float(out.max())
+        lo, hi = float(image.min()), float(image.max())
         if lo < 0.0 or hi > 1.0:
             raise ImageError(f'float image must lie in [0, 1], got range [{lo:g}, {hi:g}]')
-        return out
+        return image
     raise ImageError(f'unsupported image dtype {image.dtype} (use uint8, uint16 or float)')
 
 

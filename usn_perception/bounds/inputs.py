@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from usn_perception.bounds.forms import form_range
 from usn_perception.bounds.thresholds import threshold_table
-from usn_perception.preprocess import GRAY_WEIGHTS, area_weights, image_to_float
+from usn_perception.preprocess import GRAY_WEIGHTS, area_weights, check_image, image_to_float
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,12 +73,12 @@ class ImageEncoding:
 
     def __init__(self, image: np.ndarray, input_size: tuple[int, int],
                  device: torch.device | str = 'cpu') -> None:
-        raw = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        xf = image_to_float(image)  # validates shape, dtype, finiteness, range
+        raw = check_image(image)  # validates shape, dtype, finiteness, range; HxW or HxWx3
         if raw.dtype == np.uint8:
             values = np.arange(256, dtype=np.float64) / 255.0
             codes = raw  # gathered as uint8, widened after the gather
         else:
+            xf = image_to_float(raw)
             values, codes = np.unique(xf, return_inverse=True)
             codes = codes.reshape(xf.shape)
         if codes.ndim == 2:
@@ -92,7 +92,7 @@ class ImageEncoding:
         self.index = torch.as_tensor(index, device=self.device)
         self.weights = weights.to(self.device)
         self.shape = (1, h_out, w_out)
-        self.image_shape = xf.shape
+        self.image_shape = raw.shape
         #: (V,) total resize weight of each distinct value over the network input.
         self.value_weights = torch.zeros_like(self.values).index_add_(
             0, self.index.reshape(-1), self.weights.reshape(-1))
