@@ -13,9 +13,10 @@ ReLU), so for every τ in the sub-box
 
 where ``logits(0)`` are the heatmaps ``Detector.run`` computes on the unperturbed frame. A free
 sub-box is therefore bounded by constant forms (the nominal logits) with radius |τ|max·R and
-no propagation at all. R is computed once per network and frame shape; on the shipped model it
-is ~1e-12 per unit τ (measured in docs/certification.md, "Free sub-boxes"). A first filter
-that does not sum to zero only makes R large (the bound stays sound, and loose).
+no propagation at all. R is computed once per network and frame shape; on the shipped models
+it is ~2e-10 per unit τ against logits of ~0.1–0.3 (docs/certification.md, "Free
+sub-boxes"). A first filter that does not sum to zero only makes R large (the bound stays
+sound, and loose).
 """
 
 from __future__ import annotations
