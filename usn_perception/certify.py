@@ -141,7 +141,7 @@ class _Evaluator:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
         # Free sub-boxes (no pixel clipped, bounds.free): ``free(boxes)`` marks them and
         # ``logits()`` gives the nominal heatmaps they are bounded from.
-        self.free = free if thresholds and method == 'forward' and logits is not None else None
+        self.free = free
         self.logits = logits
         self.free_leaves = 0
         self.float32 = float32  # parallel-ReLU passes in float32 (bounds.rounding)

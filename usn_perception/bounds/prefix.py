@@ -28,6 +28,7 @@ import torch
 
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp, apply_point
+from usn_perception.bounds.thresholds import present_range
 
 #: Ambiguous pixel values per sub-box that become exact breakpoints (the heaviest ones).
 EXACT_VALUES = 12
@@ -155,7 +156,7 @@ def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, 
     relaxed = torch.stack([m[1] for m in masks])  # (N, V)
     # Every breakpoint of every sub-box, evaluated with one gather. Where no present value
     # exceeds κ_lo nothing clips at the top on the sub-box: G(κ) is constant, one point.
-    v_max = float(enc.values[enc.value_weights > 0].max())
+    v_max = present_range(enc.values, enc.value_weights)[1]
     axes, taus, kappas, owner = [], [], [], []
     for i, (t_lo, t_hi, k_lo, k_hi) in enumerate(rows):
         t_pts = _breakpoints(t_lo, t_hi, enc.values[keep[i]])

@@ -110,11 +110,12 @@ def partition(root: torch.Tensor, count: int, splitter: Splitter,
     come last. (Carving an L-shaped rest up front costs a leaf and fixes two cuts that the
     greedy would place elsewhere: measured worse at the offline budget, docs/certification.md.)
     """
-    leaves, free = root, root[:0]
-    if carve is not None:
-        carved, rest = carve(root)
-        if carved.shape[0] and rest.shape[0] <= 1:
-            leaves, free = rest, carved
+    def carve_one(leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept (0 or 1, 4), freed (0 or 1, 4)): carve only where the rest stays one box."""
+        carved, rest = carve(leaf)
+        return (rest, carved) if carved.shape[0] and rest.shape[0] <= 1 else (leaf, leaf[:0])
+
+    leaves, free = (root, root[:0]) if carve is None else carve_one(root)
     if leaves.shape[0]:
         score = priority(leaves)
         while leaves.shape[0] < count:
@@ -126,16 +127,10 @@ def partition(root: torch.Tensor, count: int, splitter: Splitter,
             leaves = torch.cat([leaves[keep], children])
             score = torch.cat([score[keep], priority(children)])
     if carve is not None:
-        kept, freed = [], [free]
-        for i in range(leaves.shape[0]):  # (split(1) of an empty tensor yields one empty)
-            leaf = leaves[i:i + 1]
-            carved, rest = carve(leaf)
-            if carved.shape[0] and rest.shape[0] <= 1:
-                kept.append(rest)
-                freed.append(carved)
-            else:
-                kept.append(leaf)
-        leaves, free = torch.cat([leaves[:0], *kept]), torch.cat(freed)
+        # (range, not split(1): split of an empty tensor yields one empty piece)
+        pieces = [carve_one(leaves[i:i + 1]) for i in range(leaves.shape[0])]
+        leaves = torch.cat([leaves[:0], *(k for k, _ in pieces)])
+        free = torch.cat([free, *(f for _, f in pieces)])
     return torch.cat([leaves, free])
 
 

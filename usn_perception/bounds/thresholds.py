@@ -76,7 +76,7 @@ def _inside(boxes: torch.Tensor, values: torch.Tensor,
     return inside, w
 
 
-def _present_range(values: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+def present_range(values: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
     """(smallest, largest) pixel value present in the image (positive resize weight)."""
     present = values[weights > 0]
     return float(present.min()), float(present.max())
@@ -89,7 +89,7 @@ def free_mask(boxes: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) 
     which a homogeneous network with a zero-sum first filter maps to the nominal heatmaps. Such
     a *free* sub-box needs no propagation (:func:`usn_perception.bounds.free.free_forms`).
     """
-    v_min, v_max = _present_range(values, weights)
+    v_min, v_max = present_range(values, weights)
     return (boxes[:, 1] <= v_min) & (boxes[:, 2] >= v_max)
 
 
@@ -103,7 +103,7 @@ def carve_free(root: torch.Tensor, values: torch.Tensor,
     ``[τ_lo, v_min] × [κ_lo, v_max]``), so the pieces tile the root exactly. No free part:
     ``(empty, root)``.
     """
-    v_min, v_max = _present_range(values, weights)
+    v_min, v_max = present_range(values, weights)
     t_lo, t_hi, k_lo, k_hi = (float(v) for v in root[0])
     a, b = min(v_min, t_hi), max(v_max, k_lo)
     empty = root[:0]
