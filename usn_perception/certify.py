@@ -20,9 +20,10 @@ import torch
 
 from usn_perception.bounds.box import Budget, PhotometricBox, box_centres
 from usn_perception.bounds.forms import collapse_generators, form_at
-from usn_perception.bounds.free import free_forms, free_radius
+from usn_perception.bounds.free import free_forms, free_radius, tau_reach
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
+from usn_perception.bounds.levels import leaf_forms, level_axis, level_logits, level_nodes
 from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
 from usn_perception.bounds.rounding import propagate_float32, resolve_precision
@@ -70,6 +71,14 @@ NODE_BUDGET = Budget(max_subboxes=3)
 FREE_TOLERANCE = 1e-9
 #: Offline (reports, evaluation): tight boxes at a few seconds per image.
 OFFLINE_BUDGET = Budget(max_subboxes=96)
+#: Level nodes (bounds.levels) that cost about one propagated sub-box: a one-axis box is
+#: bounded at its nodes when it has at most this many per sub-box of the budget. Measured on
+#: 640x480 node frames (session 8): ~1.8 ms per node on ~16 ms of fixed cost, against ~17 ms
+#: per propagated sub-box.
+NODES_PER_SUBBOX = 9
+#: Most level nodes of one certificate, whatever the budget (16-bit frames can hold
+#: thousands of values in a threshold's range): beyond it the partition bounds the box.
+LEVEL_NODES = 64
 
 
 class CertStatus(IntEnum):
@@ -183,12 +192,39 @@ class _Evaluator:
                 back = torch.empty_like(order)
                 back[order] = torch.arange(order.numel(), device=order.device)
                 c, r = torch.cat([cp, c])[back], torch.cat([rp, r])[back]
+        return self._readout(c, r, part)
+
+    def _readout(self, c: torch.Tensor, r: torch.Tensor, part: torch.Tensor) -> tuple:
+        """Readout bounds (n, K, 4) and estimates at the centres (n, K, 2) from the forms."""
         bound_readout = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
                          'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}[self.readout]
         bounds = bound_readout(c, r, part, self.grid)
         logits = form_at(c, box_centres(part)).view(part.shape[0], -1, *self.heatmap_hw)
         est = read_keypoints(logits, self.readout)
         return bounds, est
+
+    def levels(self, plan: _LevelPlan, leaves: int,
+               deadline: float | None) -> tuple | None:
+        """Bound the plan's one-axis box at its level nodes (bounds.levels), its free part too.
+
+        Returns (leaves (L + f, 4), bounds, estimates), or None when a float32 deviation
+        overflowed (the caller partitions instead).
+        """
+        out = level_logits(self.net, self.enc, plan.nodes, plan.axis, groups=leaves,
+                           precision='float32' if self.float32 else 'float64',
+                           deadline=deadline)
+        if out is None:
+            return None
+        logits, radius, unstable = out
+        self.unstable += unstable
+        # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
+        radius = radius + tau_reach(plan.box, free_radius(self.net, self.enc))
+        part, c, r = leaf_forms(plan.box[0], plan.nodes, plan.axis, logits, radius, leaves)
+        if plan.free.shape[0]:
+            self.free_leaves += plan.free.shape[0]
+            cf, rf = free_forms(self.logits(), plan.free, free_radius(self.net, self.enc))
+            part, c, r = torch.cat([part, plan.free]), torch.cat([c, cf]), torch.cat([r, rf])
+        return (part, *self._readout(c, r, part))
 
     def _propagate(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
         """Output forms (C (n, 3, K, P), R (n, kr, K, P)) of the network on sub-boxes ``part``."""
@@ -238,6 +274,41 @@ class _Evaluator:
         return bounds, torch.cat(est)
 
 
+@dataclass(frozen=True)
+class _LevelPlan:
+    """A one-axis (τ, κ) box to bound at its level nodes, and the free part carved off it."""
+
+    box: torch.Tensor  # (1, 4)
+    axis: int
+    nodes: torch.Tensor  # (G,)
+    free: torch.Tensor  # (0 or 1, 4)
+
+    @property
+    def segments(self) -> int:
+        """Pieces between adjacent nodes (the most leaves the plan can use)."""
+        return self.nodes.shape[0] - 1
+
+
+def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
+                tau_ok: bool) -> _LevelPlan | None:
+    """The level-node plan for ``root`` when only one threshold clips and it fits the budget.
+
+    ``tau_ok``: the |τ|·R bound the nodes need (and free sub-boxes) is negligible.
+    """
+    if not tau_ok:
+        return None
+    free, rest = carve_free(root, enc.values, enc.value_weights)
+    if rest.shape[0] != 1:
+        return None  # both thresholds clip: an L-shaped rest
+    axis = level_axis(rest[0], enc.values, enc.value_weights)
+    if axis is None:
+        return None
+    nodes = level_nodes(rest[0], enc.values, enc.value_weights, axis)
+    if nodes.shape[0] > min(max_nodes, NODES_PER_SUBBOX * budget.max_subboxes):
+        return None
+    return _LevelPlan(rest, axis, nodes, free)
+
+
 def _threshold_root(net: CompiledNetwork, box: PhotometricBox, readout: str, method: str,
                     coordinates: str) -> torch.Tensor | None:
     """The (τ, κ) root box when threshold coordinates are asked for (or 'auto') and valid."""
@@ -278,6 +349,7 @@ def certify_keypoints(
     nominal: np.ndarray | None = None,
     precision: str = 'auto',
     nominal_heatmaps: torch.Tensor | None = None,
+    level_nodes: int = LEVEL_NODES,
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -297,6 +369,12 @@ def certify_keypoints(
     heaviest) whose effect on the first linear layers is bounded exactly, by evaluating them
     at their breakpoints (:mod:`usn_perception.bounds.prefix`), instead of relaxing each
     clipped pixel on its own; 0 relaxes them all (cheaper per sub-box, looser).
+    ``level_nodes``: in threshold coordinates, when only one threshold clips pixels (only dark
+    or only bright ones reach it), the box is bounded by running the network at every present
+    pixel value in that threshold's range (:mod:`usn_perception.bounds.levels`, exact at
+    each) when there are at most this many and at most
+    :data:`NODES_PER_SUBBOX` per sub-box of the budget; ``budget.max_subboxes`` is then the
+    number of leaves (radius rows and readout bounds). 0 turns it off.
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
     with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes
@@ -358,13 +436,18 @@ def certify_keypoints(
             heatmaps.append(detector.heatmaps(image))
         return heatmaps[0].to(enc.device, torch.float64)
 
+    # Free sub-boxes and level nodes both leave the input's − τ to the |τ|·R bound: usable
+    # when it is negligible (bounds.free).
+    tau_ok, has_free = False, False
+    if thresholds and method == 'forward':
+        has_free = bool(carve_free(root, enc.values, enc.value_weights)[0].shape[0])
+        if has_free or (level_nodes > 0 and relu == 'parallel'):
+            tau = float(root[0, :2].abs().max())
+            tau_ok = tau * float(free_radius(net, enc).max()) <= FREE_TOLERANCE * float(
+                logits().abs().max())
     is_free = None
-    if thresholds and method == 'forward' and carve_free(root, enc.values,
-                                                         enc.value_weights)[0].shape[0]:
-        tau = float(root[0, :2].abs().max())
-        if tau * float(free_radius(net, enc).max()) <= FREE_TOLERANCE * float(
-                logits().abs().max()):
-            is_free = partial(free_mask, values=enc.values, weights=enc.value_weights)
+    if tau_ok and has_free:
+        is_free = partial(free_mask, values=enc.values, weights=enc.value_weights)
     evaluate = _Evaluator(net, enc, method, readout, (h_h, w_h), relu,
                           _chunk_size(net, 0 if thresholds else generators),
                           ibp_root=not thresholds,
@@ -387,9 +470,17 @@ def certify_keypoints(
     else:
         root = box.as_row()
         how = {'intensity': enc.mean_intensity()}
+    plan = None
+    if thresholds and method == 'forward' and relu == 'parallel' and level_nodes > 0:
+        plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
+    stats['level_nodes'] = 0 if plan is None else int(plan.nodes.shape[0])
     try:
         with torch.no_grad():
-            result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
+            result = None if plan is None else _bound_levels(evaluate, plan, budget, deadline)
+            if result is None:
+                stats['level_nodes'] = 0
+                result = refine(evaluate, root.to(enc.device), budget, deadline=deadline,
+                                **how)
     except BudgetExceeded:
         stats.update(subboxes=0, leaves=0, passes=0, stopped='time',
                      ms=(time.perf_counter() - t0) * 1000.0)
@@ -412,6 +503,18 @@ def certify_keypoints(
                  unstable_relus=evaluate.unstable, float32_fallbacks=evaluate.float32_fallbacks,
                  ms=(time.perf_counter() - t0) * 1000.0)
     return cert
+
+
+def _bound_levels(evaluate: _Evaluator, plan: _LevelPlan, budget: Budget,
+                  deadline: float | None) -> RefineResult | None:
+    """The whole certificate from the level nodes: one leaf per sub-box of the budget."""
+    leaves = min(budget.max_subboxes, plan.segments)
+    out = evaluate.levels(plan, leaves, deadline)
+    if out is None:
+        return None
+    part, bounds, _ = out
+    stopped = 'converged' if leaves == plan.segments else 'budget'
+    return RefineResult(part, bounds, leaves, 1, stopped, part.shape[0])
 
 
 def _check_heatmaps(detector, image_shape: tuple[int, ...], heatmaps: torch.Tensor,

@@ -95,5 +95,15 @@ def free_forms(logits: torch.Tensor, boxes: torch.Tensor,
     n = boxes.shape[0]
     centre = torch.zeros((n, 3, *radius.shape), dtype=torch.float64, device=radius.device)
     centre[:, 0] = logits.reshape(radius.shape).to(centre)
-    tau = torch.maximum(boxes[:, 0].abs(), boxes[:, 1].abs()).view(n, 1, 1)
-    return centre, (tau * radius * SAFETY)[:, None]
+    return centre, tau_reach(boxes, radius)[:, None]
+
+
+def tau_reach(boxes: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """(n, K, P) bound |τ|max·R of how far τ alone moves the logits on each (τ, κ) box.
+
+    Holds wherever no dark pixel clips (the input is then the τ = 0 one minus τ), whatever
+    the bright pixels do: :func:`free_forms` and the κ-axis level nodes
+    (:mod:`usn_perception.bounds.levels`, evaluated at τ = 0) both use it.
+    """
+    tau = torch.maximum(boxes[:, 0].abs(), boxes[:, 1].abs()).view(-1, 1, 1)
+    return tau * radius * SAFETY

@@ -202,13 +202,16 @@ class ImageEncoding:
         return out[:3].transpose(0, 1).contiguous(), out[3][:, None].contiguous()
 
     def threshold_inputs(self, taus: torch.Tensor, kappas: torch.Tensor,
-                         skip: torch.Tensor | None = None) -> torch.Tensor:
+                         skip: torch.Tensor | None = None, *,
+                         shift: bool = True) -> torch.Tensor:
         """Network inputs (P, 1, H, W) ``clip(x, τ, κ) − τ`` at the (τ, κ) points given.
 
-        ``skip`` (V,) or (P, V) bool leaves those values out (they count 0).
+        ``skip`` (V,) or (P, V) bool leaves those values out (they count 0). ``shift=False``
+        leaves out the ``− τ`` (inputs ``clip(x, τ, κ)``).
         """
         u = torch.clamp(self.values[None, :], min=taus[:, None], max=kappas[:, None])
-        u = u - taus[:, None]
+        if shift:
+            u = u - taus[:, None]
         if skip is not None:
             u = u.masked_fill(skip if skip.ndim == 2 else skip[None, :], 0.0)
         return self._gather(u.T.contiguous())

@@ -1,0 +1,247 @@
+"""Level nodes (usn_perception/bounds/levels.py): exact at the clip levels, sound between them.
+
+The module's claim is checked directly (the network's logits at dense thresholds between the
+nodes lie within the interpolant ± the segment's radius, float32 and float64, shared and
+per-segment radii), then through ``certify_keypoints`` (dense θ grid + attack, three scale-free
+readouts, several networks and budgets, the shipped model), and the cases where the plan must
+not be used (both thresholds clip, a network whose |τ|·R is not negligible, too many nodes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_certify import assert_sound, homogeneous_detector
+from test_free import NODE_BOX, OFFLINE_BOX, homogeneous_shallow, mid_image
+
+from usn_perception.bounds.inputs import ImageEncoding
+from usn_perception.bounds.layers import compile_network
+from usn_perception.bounds.levels import (
+    KAPPA,
+    TAU,
+    leaf_forms,
+    level_axis,
+    level_logits,
+    level_nodes,
+    radius_groups,
+)
+from usn_perception.bounds.thresholds import carve_free, threshold_row
+from usn_perception.certify import Budget, PhotometricBox, certify_keypoints
+from usn_perception.detector import load_detector
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = REPO / 'models' / 'default' / 'model.json'
+F64 = torch.float64
+
+
+def one_sided(seed: int, side: str) -> np.ndarray:
+    """8-bit frame whose only clipped pixels (on the boxes used here) are dark or bright ones."""
+    if side == 'dark':
+        img = mid_image(seed, lo=0.0, hi=0.7)  # the darkest pixels reach 0
+    else:
+        img = np.clip(mid_image(seed, lo=0.15, hi=1.1), 0.0, 1.0)  # the blob saturates
+    return np.round(img * 255).astype(np.uint8)
+
+
+def _rest(enc: ImageEncoding, box: PhotometricBox) -> torch.Tensor:
+    free, rest = carve_free(threshold_row(box), enc.values, enc.value_weights)
+    assert rest.shape[0] == 1
+    return rest[0]
+
+
+def _net_logits(det, enc: ImageEncoding, taus: torch.Tensor, kappas: torch.Tensor):
+    """The network's float64 logits on the unshifted inputs clip(x, τ, κ), (n, K, P)."""
+    with torch.no_grad():
+        return det.net(enc.threshold_inputs(taus, kappas, shift=False)).flatten(2)
+
+
+# --- nodes ----------------------------------------------------------------------------------
+
+def test_axis_and_nodes_follow_the_present_values():
+    values = torch.tensor([0.0, 0.01, 0.02, 0.5, 0.97, 0.99, 1.0], dtype=F64)
+    weights = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0], dtype=F64)  # 0 and 1 absent
+    bright = torch.tensor([-0.03, 0.005, 0.95, 1.05], dtype=F64)
+    assert level_axis(bright, values, weights) == KAPPA
+    assert level_nodes(bright, values, weights, KAPPA).tolist() == [0.95, 0.97, 0.99, 1.05]
+    dark = torch.tensor([-0.01, 0.03, 1.0, 1.05], dtype=F64)
+    assert level_axis(dark, values, weights) == TAU
+    assert level_nodes(dark, values, weights, TAU).tolist() == [-0.01, 0.01, 0.02, 0.03]
+    assert level_axis(torch.tensor([0.0, 0.03, 0.95, 1.05], dtype=F64), values, weights) is None
+    assert level_axis(torch.tensor([0.0, 0.005, 0.995, 1.05], dtype=F64), values,
+                      weights) is None  # nothing clips: a free box
+    point = torch.tensor([0.0, 0.0, 0.98, 0.98], dtype=F64)
+    assert level_nodes(point, values, weights, KAPPA).tolist() == [0.98, 0.98]
+
+
+def test_radius_groups_are_contiguous_and_cover_every_segment():
+    for segments in (1, 2, 7, 20):
+        for groups in (None, 1, 3, 50):
+            g = radius_groups(segments, groups)
+            assert g.shape == (segments,) and int(g[0]) == 0
+            assert bool((g[1:] - g[:-1] >= 0).all()) and bool((g[1:] - g[:-1] <= 1).all())
+            assert int(g[-1]) + 1 == (segments if groups is None else min(groups, segments))
+
+
+# --- the nodal bound ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('precision', ['float32', 'float64'])
+@pytest.mark.parametrize('groups', [None, 1, 2])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark'), (3, 'bright')])
+def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precision):
+    det = homogeneous_shallow(seed)
+    image = one_sided(seed, side)
+    enc = ImageEncoding(image, det.config.input_size)
+    net = compile_network(det.net, enc.shape)
+    box = _rest(enc, OFFLINE_BOX)
+    axis = level_axis(box, enc.values, enc.value_weights)
+    assert axis == (TAU if side == 'dark' else KAPPA)
+    nodes = level_nodes(box, enc.values, enc.value_weights, axis)
+    assert nodes.shape[0] >= 4
+    logits, radius, _ = level_logits(net, enc, nodes, axis, groups=groups, precision=precision)
+    lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
+    scale = float(logits.abs().max())
+    for s in range(nodes.shape[0] - 1):
+        t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 9, dtype=F64)
+        taus, kappas = (t, torch.full_like(t, hi_v)) if axis == TAU else (
+            torch.full_like(t, lo_v), t)
+        true = _net_logits(det, enc, taus, kappas)
+        frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
+        interp = logits[s] + frac * (logits[s + 1] - logits[s])
+        gap = (true - interp).abs()
+        assert bool((gap <= radius[s] + 1e-12 * scale).all()), float((gap - radius[s]).max())
+    if groups is None:  # per-segment radii: tight where the network is nearly linear
+        assert float(radius.max()) < 0.05 * scale
+
+
+@pytest.mark.skipif(not DEFAULT.exists(), reason='shipped model not present')
+def test_shipped_model_logits_stay_within_the_radius():
+    from usn_perception.data.synthetic import SPLIT_BACKGROUNDS, render_sample
+
+    det = load_detector(DEFAULT)
+    image = render_sample(np.random.default_rng(2024), SPLIT_BACKGROUNDS['test'][1],
+                          (192, 144)).image  # saturated sky: ~20 bright levels in NODE_BOX
+    enc = ImageEncoding(image, det.config.input_size)
+    net = compile_network(det.net, enc.shape)
+    box = _rest(enc, NODE_BOX)
+    axis = level_axis(box, enc.values, enc.value_weights)
+    nodes = level_nodes(box, enc.values, enc.value_weights, axis)
+    logits, radius, _ = level_logits(net, enc, nodes, axis, groups=3)
+    other = float(enc.values.min() if axis == KAPPA else enc.values.max())
+    for s in range(0, nodes.shape[0] - 1, 3):
+        t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 5, dtype=F64)
+        fixed = torch.full_like(t, other)
+        true = _net_logits(det, enc, *((fixed, t) if axis == KAPPA else (t, fixed)))
+        frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
+        interp = logits[s] + frac * (logits[s + 1] - logits[s])
+        assert bool(((true - interp).abs() <= radius[s] + 1e-12).all())
+
+
+@pytest.mark.parametrize('leaves', [None, 1, 2, 5])
+def test_leaf_forms_tile_the_box_and_contain_the_interpolant(leaves):
+    rng = np.random.default_rng(0)
+    nodes = torch.tensor([0.9, 0.92, 0.93, 0.97, 0.98, 1.0, 1.05], dtype=F64)
+    logits = torch.as_tensor(rng.normal(size=(7, 2, 6)))
+    radius = torch.as_tensor(rng.uniform(0.0, 0.01, size=(6, 2, 6)))
+    box = torch.tensor([-0.03, 0.02, 0.9, 1.05], dtype=F64)
+    boxes, centre, rad = leaf_forms(box, nodes, KAPPA, logits, radius, leaves)
+    n = 6 if leaves is None else min(leaves, 6)
+    assert boxes.shape == (n, 4) and centre.shape == (n, 3, 2, 6) and rad.shape == (n, 1, 2, 6)
+    assert float(boxes[0, 2]) == 0.9 and float(boxes[-1, 3]) == 1.05
+    assert bool((boxes[1:, 2] == boxes[:-1, 3]).all())  # shared cuts: an exact tiling
+    assert bool((boxes[:, :2] == box[:2]).all())
+    assert bool((centre[:, 1] == 0).all())  # nothing in τ on a κ-axis box
+    group = radius_groups(6, leaves)
+    for s in range(6):
+        leaf = int(group[s])
+        for f in np.linspace(0.0, 1.0, 7):
+            k = float(nodes[s] + f * (nodes[s + 1] - nodes[s]))
+            value = centre[leaf, 0] + centre[leaf, 2] * k
+            truth = logits[s] + f * (logits[s + 1] - logits[s])
+            assert bool(((truth - value).abs() <= rad[leaf, 0] - radius[s] + 1e-12).all())
+
+
+# --- certificates --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('readout', ['centroid', 'local-centroid', 'argmax'])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'bright'), (3, 'dark')])
+def test_level_certificates_have_no_escapes(seed, side, readout):
+    det = homogeneous_shallow(seed, readout)
+    image = one_sided(seed, side)
+    for box in (NODE_BOX, OFFLINE_BOX):
+        for n in (1, 3, 96):
+            cert = certify_keypoints(det, image, box, budget=Budget(n), level_nodes=256)
+            if n == 96 or (n == 3 and box is NODE_BOX):  # (1 sub-box affords 9 nodes)
+                assert cert.stats['level_nodes'] > 0, cert.stats
+            if cert.stats['level_nodes']:
+                assert cert.stats['subboxes'] <= n
+            assert_sound(det, image, box, cert, readout, grid=7)
+
+
+def test_a_point_box_on_a_clip_level_is_exact():
+    det = homogeneous_shallow(1, 'local-centroid')
+    image = one_sided(1, 'bright')
+    box = PhotometricBox((1.02, 1.02), (0.0, 0.0))  # κ = 1/1.02: the brightest pixels clip
+    cert = certify_keypoints(det, image, box, budget=Budget(1))
+    assert cert.stats['level_nodes'] == 2
+    assert_sound(det, image, box, cert, 'local-centroid', grid=1, attack=False)
+    assert float(cert.widths.max()) < 1e-4  # the readout slack alone
+
+
+@pytest.mark.parametrize('kind', ['rgb8', 'mono16'])
+def test_level_certificates_on_rgb_and_16_bit_frames(kind):
+    det = homogeneous_shallow(2, 'local-centroid')
+    base = mid_image(5, lo=0.0, hi=0.8)
+    if kind == 'rgb8':
+        rgb = np.stack([base, 0.8 * base + 0.1, 0.9 * base], -1)
+        image = np.round(rgb * 255).astype(np.uint8)
+    else:  # few distinct values, so the nodes fit the budget
+        image = (np.round(base * 40) * (65535 // 40)).astype(np.uint16)
+    cert = certify_keypoints(det, image, NODE_BOX, budget=Budget(2))
+    assert cert.stats['level_nodes'] > 0
+    assert_sound(det, image, NODE_BOX, cert, 'local-centroid', grid=7)
+
+
+@pytest.mark.skipif(not DEFAULT.exists(), reason='shipped model not present')
+def test_shipped_model_level_certificates_are_sound_and_tighter():
+    from usn_perception.data.synthetic import SPLIT_BACKGROUNDS, render_sample
+
+    det = load_detector(DEFAULT)
+    rng = np.random.default_rng(2024)
+    names = SPLIT_BACKGROUNDS['test']
+    for name in names[:2]:  # bright clips on the first render, dark on the second
+        image = render_sample(rng, name, (192, 144)).image
+        levels = certify_keypoints(det, image, NODE_BOX, budget=Budget(3))
+        assert levels.stats['level_nodes'] > 0
+        partition = certify_keypoints(det, image, NODE_BOX, budget=Budget(3), level_nodes=0)
+        assert partition.stats['level_nodes'] == 0
+        assert levels.widths.mean() <= partition.widths.mean()
+        assert_sound(det, image, NODE_BOX, levels, det.readout, grid=5)
+
+
+# --- when not to use them ----------------------------------------------------------------------
+
+def test_the_plan_is_not_used_where_it_does_not_apply():
+    det = homogeneous_shallow(0, 'local-centroid')
+    both = np.round(mid_image(0, lo=0.0, hi=1.0) * 255).astype(np.uint8)  # dark and bright
+    assert certify_keypoints(det, both, NODE_BOX, budget=Budget(3)).stats['level_nodes'] == 0
+    dark = one_sided(0, 'dark')
+    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(3),
+                             level_nodes=0).stats['level_nodes'] == 0
+    # More nodes than the budget affords (NODES_PER_SUBBOX per sub-box) or than allowed.
+    many = certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(96))
+    assert many.stats['level_nodes'] > 9
+    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(1)).stats[
+        'level_nodes'] == 0
+    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(96),
+                             level_nodes=5).stats['level_nodes'] == 0
+    # A network whose |W| chain makes |τ|·R non-negligible (random, untrained): no free
+    # sub-boxes, and no level nodes either (they leave the input's − τ to that bound).
+    rough = homogeneous_detector(0)
+    image = 0.3 + 0.3 * np.random.default_rng(0).random((30, 40))
+    image[:, :8] = 0.0
+    cert = certify_keypoints(rough, image, PhotometricBox((0.9, 1.1), (0.0, 0.05)),
+                             readout='centroid', budget=Budget(1))
+    assert cert.stats['level_nodes'] == 0 and float(cert.widths.max()) < 1e-4

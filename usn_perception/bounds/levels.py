@@ -1,0 +1,312 @@
+"""Level nodes: the network evaluated exactly at the pixel values a sub-box clips.
+
+On a (τ, κ) sub-box where only one threshold reaches present pixel values (bright pixels
+clip at κ and no dark one at τ, or the reverse), the network input is a piecewise-linear
+function of that threshold alone, with its breakpoints at the present pixel values
+(:mod:`usn_perception.bounds.thresholds`). Between two adjacent *nodes* (the sub-box's ends and
+every present value strictly inside) the input is exactly the linear interpolation of its
+values at the nodes. So instead of relaxing the clip, this module runs the network at the
+G nodes (one batched pass) and bounds only what interpolation misses inside the network:
+
+    z(t) ∈ I(c)(t) ± r     for every t of the sub-box, at every neuron,
+
+with c_j the neuron's value at node j, I(c) their piecewise-linear interpolant and r a
+single radius per neuron. Linear maps keep interpolants exact (r moves through |W|). A ReLU
+maps the nodal values to ReLU(c_j); it adds to r only where a neuron changes sign between
+two adjacent nodes, by at most |a|·b / (|a| + b) for node values a < 0 < b (the gap between
+the chord of ReLU over that segment and ReLU itself), and it keeps r where the neuron is not
+off at every node (max_j c_j + r ≤ 0 stops it).
+
+Each segment between adjacent nodes then becomes an ordinary affine form in the active
+threshold (the chord of the output's nodal values) with radius r, which the readout bounds of
+:mod:`usn_perception.bounds.spec` take like any other sub-box. No ReLU between layers is
+relaxed as a function of θ: with one node per clip level the input stage is exact and the
+only error left is r.
+
+Floating point: node 0 runs in float64 (its values are as large as the activations), the
+others are carried as float32 *deviations* D_j = c_j − c_0, so their rounding scales with how
+much the clip moves the activations, not with the activations (a float32 reference was
+measured: its own rounding, pushed through |W|, made node-sized boxes up to 40x wider). Every
+float32 step bounds its own error and adds it to r, as :mod:`usn_perception.bounds.rounding`
+does, whose checks of the float32 backend apply here too: a dot product of n terms is within
+γ_n·|W|·max_j|D_j| of exact, the nodal ReLU within 4u·max_j|D_j| (a deviation can only flip
+a neuron whose reference is smaller than it).
+
+The nodes are evaluated on ``clip(x, τ, κ)`` without the engine's − τ: that constant image
+would make every deviation as large as the threshold's range on every pixel, and a
+zero-sum first filter cancels it up to rounding anyway. The |τ|·R bound of
+:mod:`usn_perception.bounds.free` (R = |N|(|P(S)|), computed once per network and frame
+shape) covers leaving it out, so level nodes are used only where that bound is negligible,
+as free sub-boxes are. The idle threshold is exactly idle: κ where nothing bright clips only
+scales the input (the readout ignores scale), τ where nothing dark clips only shifts it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
+from usn_perception.bounds.propagate import BudgetExceeded
+from usn_perception.bounds.rounding import TINY, U32
+from usn_perception.bounds.thresholds import present_range
+
+#: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
+TAU, KAPPA = 0, 1
+#: Float64 unit roundoff (the segment forms' own arithmetic).
+U64 = 2.0 ** -53
+
+
+def level_axis(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> int | None:
+    """:data:`KAPPA` or :data:`TAU` when only that threshold of ``box`` (4,) clips, else None.
+
+    A present value v is clipped somewhere on the sub-box by τ when v < τ_hi and by κ when
+    v > κ_lo. None when both clip, or neither (a free sub-box, :func:`.thresholds.free_mask`).
+    """
+    v_min, v_max = present_range(values, weights)
+    dark = float(box[1]) > v_min
+    bright = float(box[2]) < v_max
+    if bright and not dark:
+        return KAPPA
+    if dark and not bright:
+        return TAU
+    return None
+
+
+def level_nodes(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
+                axis: int) -> torch.Tensor:
+    """(G,) sorted nodes along ``axis``: the sub-box's two ends and the present values inside.
+
+    At least two nodes (a point sub-box repeats its end). Between two adjacent nodes no present
+    value lies strictly inside, so the clipped input is linear there.
+    """
+    lo, hi = float(box[2 * axis]), float(box[2 * axis + 1])
+    present = values[(weights > 0) & (values > lo) & (values < hi)]
+    ends = values.new_tensor([lo, hi])
+    return torch.cat([ends[:1], present.sort().values, ends[1:]])
+
+
+def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> torch.Tensor:
+    """(G, 1, H, W) float64 network inputs ``clip(x, τ, κ)`` at each node, *without* the − τ.
+
+    The other threshold sits where it clips nothing. Leaving out the − τ (a constant image,
+    which a zero-sum first filter cancels up to rounding) keeps the deviations between nodes
+    to the clipped pixels; the caller bounds its effect by |τ|·R (:func:`.free.tau_reach`).
+    """
+    lo, hi = float(enc.values.min()), float(enc.values.max())
+    if axis == KAPPA:
+        return enc.threshold_inputs(torch.full_like(nodes, lo), nodes, shift=False)
+    return enc.threshold_inputs(nodes, torch.full_like(nodes, hi), shift=False)
+
+
+def _gamma(n: int, unit: float) -> float:
+    """γ_n = n·u / (1 − n·u): relative error bound of an n-term dot product."""
+    nu = n * unit
+    if not nu < 0.5:
+        raise ValueError(f'fan-in {n} is too large for the error bounds')
+    return nu / (1.0 - nu)
+
+
+def _deviation(d: torch.Tensor) -> torch.Tensor:
+    """max_j |D_j| per neuron (1, …): what a deviation's rounding scales with."""
+    return torch.maximum(d.amax(0, keepdim=True), -d.amin(0, keepdim=True))
+
+
+def _linear(op: LinearOp, v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
+            m: torch.Tensor | None, unit: float) -> tuple:
+    """W·c for the reference (float64) and the deviations (one call), |W| for the radii.
+
+    ``m`` ≥ max_j|D_j| when the previous op knows it (else computed here).
+    """
+    v0 = op.apply(v0)
+    if op.bias is not None:
+        v0 = v0 + op.bias
+    if op.fan_in == 0:  # moves values only: exact
+        return v0, op.apply(d), op.apply(r)
+    if m is None:
+        m = _deviation(d)
+    src = r + m.mul_(_gamma(op.fan_in + 1, unit))  # + 1: the weights' own rounding
+    d = op.apply(d)
+    r = op.apply(src) if op.nonneg else op.apply_abs(src)
+    return v0, d, r.mul_(1.0 + 4.0 * _gamma(op.fan_in + 16, unit)).add_(TINY)
+
+
+def _affine(op: AffineOp, v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
+            unit: float) -> tuple:
+    scale = torch.as_tensor(op.scale)
+    scale_d = scale.to(d.dtype)
+    src = r + _deviation(d).mul_(_gamma(2, unit))  # the scale's rounding and the product's
+    return (v0 * scale + op.shift, d * scale_d,
+            (src * scale_d.abs()).mul_(1.0 + 4.0 * _gamma(18, unit)).add_(TINY))
+
+
+def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tensor,
+          unit: float) -> tuple:
+    """Nodal ReLU: node j is c_0 + D_j (D_0 = 0, not stored), c_0 = ``v0`` in float64.
+
+    Returns ReLU(c_0), the deviations ReLU(c_0 + D_j) − ReLU(c_0), the new radii and the
+    count of mixed neurons. Per neuron: *on* (every node ≥ every radius: the ReLU is the
+    identity on the whole sub-box, nothing changes), *off* (every node + radius ≤ 0:
+    everything becomes 0), or *mixed*, computed on the gathered mixed neurons only. There
+    D_j' is max(D_j, −c) where c_0 ≥ 0 and max(D_j + c, 0) where c_0 < 0, with c the reference
+    rounded to D's precision: exact except where the result depends on that rounding, which
+    happens only when |c_0| ≤ (1 + 3u)·max_j|D_j| = (1 + 3u)·m, so the error is below 4u·m.
+    Segment s keeps its radius unless it is off on both its nodes, and gains the chord gap
+    |a|·b / (|a| + b) where its node values a, b differ in sign; a radius shared by a group of
+    segments (``group``: segment → radius row) takes the largest over them.
+    """
+    g, n_r = d.shape[0], r.shape[0]
+    d2, r2 = d.reshape(g, -1), r.reshape(n_r, -1)
+    c = v0.reshape(-1).to(d.dtype)  # error ≤ u·|c_0|
+    top = d2.amax(0).clamp_(min=0.0)  # over all nodes, D_0 = 0 included
+    bottom = d2.amin(0).clamp_(max=0.0)
+    m = torch.maximum(top, -bottom)
+    top += c
+    bottom += c
+    r_max = r2.amax(0)
+    # Node values computed as c + D_j are within u·|c_0| + u·|c_j| ≤ 3u·(|c| + m) of exact.
+    margin = (c.abs() + m + r_max).mul_(8.0 * unit).add_(TINY)
+    on = bottom - r_max - margin >= 0
+    off = top + r_max + margin <= 0
+    mixed = torch.nonzero(~(on | off))[:, 0]
+    if mixed.numel():  # gathered before d and r are zeroed in place
+        dm, rm = d2.index_select(1, mixed), r2.index_select(1, mixed)
+    keep = on.to(d.dtype)
+    d_new = d2.mul_(keep)  # d and r are this call's own (fresh from the op before)
+    r_new = r2.mul_(keep)
+    if mixed.numel():
+        cm, mm = c.index_select(0, mixed), m.index_select(0, mixed)
+        d_new.index_copy_(1, mixed, torch.where(cm >= 0, torch.maximum(dm, -cm),
+                                                (dm + cm).clamp_(min=0.0)))
+        nodes = torch.cat([cm[None], dm + cm])
+        a, b = nodes[:-1], nodes[1:]
+        flip = (a * b) < 0
+        gap = torch.where(flip, a.abs() * b.abs() / (a.abs() + b.abs()).clamp_(
+            min=torch.finfo(d.dtype).tiny), torch.zeros_like(a))
+        r_seg = rm if n_r == a.shape[0] else rm.index_select(0, group)
+        seg_off = (torch.maximum(a, b) + r_seg + margin.index_select(0, mixed)) <= 0
+        rn = torch.where(seg_off, torch.zeros_like(r_seg), r_seg).add_(gap.mul_(1.0 + 8.0 * unit))
+        if n_r == 1:
+            rn = rn.amax(0, keepdim=True)
+        elif n_r != a.shape[0]:
+            rn = _group_reduce(rn, group, rm.shape[0], 'amax')
+        r_new.index_copy_(1, mixed, (rn + mm.mul(16.0 * unit)).mul_(
+            1.0 + 4.0 * _gamma(20, unit)).add_(TINY))
+    # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is not off.
+    m_new = m.mul_(~off).view(1, *d.shape[1:])
+    return (torch.relu(v0), d_new.view(d.shape), r_new.view(r.shape), m_new,
+            int(mixed.numel()))
+
+
+def _group_reduce(src: torch.Tensor, group: torch.Tensor, n: int, how: str) -> torch.Tensor:
+    """(n, …) max or min ('amax' / 'amin') of the rows of ``src`` per ``group`` index.
+
+    Rows of a group that receives none are 0.
+    """
+    index = group.view(-1, *(1,) * (src.ndim - 1)).expand_as(src)
+    out = src.new_zeros((n, *src.shape[1:]))
+    return out.scatter_reduce_(0, index, src, how, include_self=False)
+
+
+def radius_groups(segments: int, groups: int | None) -> torch.Tensor:
+    """(segments,) radius row of each segment: ``groups`` contiguous groups (None: one each)."""
+    n = segments if groups is None else max(1, min(int(groups), segments))
+    return torch.arange(segments) * n // segments
+
+
+def level_logits(net: CompiledNetwork, enc, nodes: torch.Tensor, axis: int, *,
+                 groups: int | None = None, precision: str = 'float32',
+                 deadline: float | None = None) -> tuple | None:
+    """Heatmap logits at the ``nodes`` and the interpolation radius of each segment.
+
+    ``groups``: radius rows, each shared by that many contiguous segments' worth (None: one
+    per segment, the tightest; 1: one for all, the cheapest: every row costs one image per
+    layer). Returns ((G, K, P) float64 nodal logits, (G − 1, K, P) float64 radius of each
+    segment, count of mixed neurons), or None when a deviation overflowed (the caller bounds
+    the sub-box another way). ``precision``: the deviations' dtype ('float32' needs
+    :func:`~usn_perception.bounds.rounding.float32_problem` to have found nothing).
+    """
+    dtype, unit = (torch.float32, U32) if precision == 'float32' else (torch.float64, U64)
+    u = _nodal_inputs(enc, nodes, axis)
+    group = radius_groups(nodes.shape[0] - 1, groups).to(u.device)
+    # Node 0 is the reference, in float64; the others are deviations D_j = c_j − c_0 rounded to
+    # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
+    # the readout's logit slack like every other float64 step of the engine).
+    v0 = u[:1]
+    diff = u[1:] - v0
+    d = diff.to(dtype)
+    r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).repeat(int(group[-1]) + 1, 1, 1, 1)
+    unstable = 0
+    m = None  # max_j |D_j| when the previous op provides it
+    with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
+        for op in net.ops:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise BudgetExceeded
+            if isinstance(op, LinearOp):
+                v0, d, r = _linear(op, v0, d, r, m, unit)
+                m = None
+            elif isinstance(op, AffineOp):
+                v0, d, r = _affine(op, v0, d, r, unit)
+                m = None
+            else:
+                v0, d, r, m, n = _relu(v0, d, r, group, unit)
+                unstable += n
+    if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
+        return None
+    v0 = v0.flatten(2)
+    logits = torch.cat([v0, v0 + d.double().flatten(2)])
+    return logits, r.double().flatten(2).index_select(0, group), unstable
+
+
+def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.Tensor,
+               radius: torch.Tensor,
+               leaves: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sub-boxes (leaves) of ``box`` made of contiguous segments, each with its chord form.
+
+    ``logits`` (G, K, P) are the nodal values, ``radius`` (G − 1, K, P) each segment's, and
+    ``leaves`` groups the segments as :func:`radius_groups` does (None: one leaf per segment,
+    where the chord is exact). A leaf's centre form is the chord between its end nodes, moved
+    to the middle of its inner nodes' deviations from that chord; its radius is its largest
+    segment radius plus half that deviation spread (the interpolant is piecewise linear, so it
+    deviates most at a node) plus the chord's own rounding. Returns the leaves (L, 4) (they
+    tile ``box``: adjacent leaves share their cut), centre forms (L, 3, K, P) affine in the
+    active threshold, and radii (L, 1, K, P).
+    """
+    group = radius_groups(nodes.shape[0] - 1, leaves).to(nodes.device)
+    n_leaf = int(group[-1]) + 1
+    seg = torch.arange(group.numel(), device=nodes.device)
+    first = _group_reduce(seg, group, n_leaf, 'amin')
+    last = _group_reduce(seg + 1, group, n_leaf, 'amax')
+    lo, hi = nodes[first], nodes[last]
+    out = box.reshape(1, 4).repeat(n_leaf, 1)
+    out[:, 2 * axis] = lo
+    out[:, 2 * axis + 1] = hi
+    a, b = logits[first], logits[last]  # (L, K, P)
+    width = (hi - lo).view(-1, 1, 1)
+    slope = torch.where(width > 0, (b - a) / torch.where(width > 0, width, 1.0),
+                        torch.zeros_like(a))
+    c0 = a - slope * lo.view(-1, 1, 1)
+    # Inner nodes' deviations from their leaf's chord (the ends deviate by rounding only).
+    owner = torch.cat([group, group[-1:]])  # node j belongs to the leaf of segment j
+    dev = logits - (c0[owner] + slope[owner] * nodes.view(-1, 1, 1))
+    inner = torch.ones_like(owner, dtype=torch.bool)
+    inner[first] = False
+    inner[last] = False
+    dev_hi = torch.zeros_like(a)
+    dev_lo = torch.zeros_like(a)
+    if bool(inner.any()):
+        idx = torch.nonzero(inner)[:, 0]
+        dev_hi = torch.maximum(dev_hi, _group_reduce(dev[idx], owner[idx], n_leaf, 'amax'))
+        dev_lo = torch.minimum(dev_lo, _group_reduce(dev[idx], owner[idx], n_leaf, 'amin'))
+    rad = _group_reduce(radius, group, n_leaf, 'amax')
+    centre = torch.zeros((n_leaf, 3, *a.shape[1:]), dtype=a.dtype, device=a.device)
+    centre[:, 0] = c0 + 0.5 * (dev_hi + dev_lo)
+    centre[:, 1 + axis] = slope
+    # The chord in floating point is within a few ulps of the exact one through (a, b); the
+    # deviations were computed in float64 too.
+    reach = torch.maximum(lo.abs(), hi.abs()).view(-1, 1, 1)
+    slop = (a.abs() + b.abs() + c0.abs() + slope.abs() * reach
+            + dev_hi - dev_lo) * (32.0 * U64)
+    spread = 0.5 * (dev_hi - dev_lo)
+    return out, centre, ((rad + spread) * (1.0 + 16.0 * U64) + slop + 1e-300)[:, None]
