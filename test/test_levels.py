@@ -22,8 +22,10 @@ from usn_perception.bounds.layers import compile_network
 from usn_perception.bounds.levels import (
     KAPPA,
     TAU,
+    evaluation_points,
     leaf_forms,
     level_axis,
+    level_bounds,
     level_logits,
     level_nodes,
     radius_groups,
@@ -100,7 +102,8 @@ def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precisi
     assert axis == (TAU if side == 'dark' else KAPPA)
     nodes = level_nodes(box, enc.values, enc.value_weights, axis)
     assert nodes.shape[0] >= 4
-    logits, radius, _ = level_logits(net, enc, nodes, axis, groups=groups, precision=precision)
+    group = None if groups is None else radius_groups(nodes.shape[0] - 1, groups)
+    logits, radius, _ = level_logits(net, enc, nodes, axis, group=group, precision=precision)
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     scale = float(logits.abs().max())
     for s in range(nodes.shape[0] - 1):
@@ -128,7 +131,8 @@ def test_shipped_model_logits_stay_within_the_radius():
     box = _rest(enc, NODE_BOX)
     axis = level_axis(box, enc.values, enc.value_weights)
     nodes = level_nodes(box, enc.values, enc.value_weights, axis)
-    logits, radius, _ = level_logits(net, enc, nodes, axis, groups=3)
+    logits, radius, _ = level_logits(net, enc, nodes, axis,
+                                     group=radius_groups(nodes.shape[0] - 1, 3))
     other = float(enc.values.min() if axis == KAPPA else enc.values.max())
     for s in range(0, nodes.shape[0] - 1, 3):
         t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 5, dtype=F64)
@@ -137,6 +141,32 @@ def test_shipped_model_logits_stay_within_the_radius():
         frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
         interp = logits[s] + frac * (logits[s + 1] - logits[s])
         assert bool(((true - interp).abs() <= radius[s] + 1e-12).all())
+
+
+@pytest.mark.parametrize('leaves', [None, 1, 3])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_level_bounds_cover_the_whole_box_free_part_included(seed, side, leaves):
+    """Nodes beyond the present values share their point's run; every leaf still holds."""
+    det = homogeneous_shallow(seed)
+    image = one_sided(seed, side)
+    enc = ImageEncoding(image, det.config.input_size)
+    net = compile_network(det.net, enc.shape)
+    box = threshold_row(NODE_BOX)[0]  # not carved: its free part is part of the leaves
+    axis = level_axis(box, enc.values, enc.value_weights)
+    nodes = level_nodes(box, enc.values, enc.value_weights, axis)
+    points, index = evaluation_points(nodes, enc.values, enc.value_weights, axis)
+    assert points.shape[0] == nodes.shape[0] - 1  # one node lies in the free part
+    assert int(index[0 if axis == TAU else -1]) == (0 if axis == TAU else points.shape[0] - 1)
+    boxes, centre, radius, _ = level_bounds(net, enc, box, axis, leaves)
+    lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
+    for i in range(boxes.shape[0]):
+        t = torch.linspace(float(boxes[i, 2 * axis]), float(boxes[i, 2 * axis + 1]), 23,
+                           dtype=F64)
+        taus, kappas = (t, torch.full_like(t, hi_v)) if axis == TAU else (
+            torch.full_like(t, lo_v), t)
+        true = _net_logits(det, enc, taus, kappas)
+        form = centre[i, 0] + centre[i, 1 + axis] * t.view(-1, 1, 1)
+        assert bool(((true - form).abs() <= radius[i, 0] + 1e-12).all())
 
 
 @pytest.mark.parametrize('leaves', [None, 1, 2, 5])
@@ -185,7 +215,7 @@ def test_a_point_box_on_a_clip_level_is_exact():
     image = one_sided(1, 'bright')
     box = PhotometricBox((1.02, 1.02), (0.0, 0.0))  # κ = 1/1.02: the brightest pixels clip
     cert = certify_keypoints(det, image, box, budget=Budget(1))
-    assert cert.stats['level_nodes'] == 2
+    assert cert.stats['level_nodes'] == 1  # one distinct input: the network runs once
     assert_sound(det, image, box, cert, 'local-centroid', grid=1, attack=False)
     assert float(cert.widths.max()) < 1e-4  # the readout slack alone
 

@@ -23,7 +23,12 @@ from usn_perception.bounds.forms import collapse_generators, form_at
 from usn_perception.bounds.free import free_forms, free_radius, tau_reach
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import CompiledNetwork, compile_network
-from usn_perception.bounds.levels import leaf_forms, level_axis, level_logits, level_nodes
+from usn_perception.bounds.levels import (
+    evaluation_points,
+    level_axis,
+    level_bounds,
+    level_nodes,
+)
 from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
 from usn_perception.bounds.rounding import propagate_float32, resolve_precision
@@ -79,6 +84,11 @@ NODES_PER_SUBBOX = 9
 #: Most level nodes of one certificate, whatever the budget (16-bit frames can hold
 #: thousands of values in a threshold's range): beyond it the partition bounds the box.
 LEVEL_NODES = 64
+
+
+#: The readout bound of each readout: (centre forms, radius, sub-boxes, cell grid) -> boxes.
+READOUT_BOUNDS = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
+                  'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}
 
 
 class CertStatus(IntEnum):
@@ -192,39 +202,27 @@ class _Evaluator:
                 back = torch.empty_like(order)
                 back[order] = torch.arange(order.numel(), device=order.device)
                 c, r = torch.cat([cp, c])[back], torch.cat([rp, r])[back]
-        return self._readout(c, r, part)
-
-    def _readout(self, c: torch.Tensor, r: torch.Tensor, part: torch.Tensor) -> tuple:
-        """Readout bounds (n, K, 4) and estimates at the centres (n, K, 2) from the forms."""
-        bound_readout = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
-                         'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}[self.readout]
-        bounds = bound_readout(c, r, part, self.grid)
+        bounds = READOUT_BOUNDS[self.readout](c, r, part, self.grid)
         logits = form_at(c, box_centres(part)).view(part.shape[0], -1, *self.heatmap_hw)
         est = read_keypoints(logits, self.readout)
         return bounds, est
 
-    def levels(self, plan: _LevelPlan, leaves: int,
-               deadline: float | None) -> tuple | None:
-        """Bound the plan's one-axis box at its level nodes (bounds.levels), its free part too.
+    def levels(self, plan: _LevelPlan, leaves: int, deadline: float | None) -> tuple | None:
+        """Bound the plan's one-axis box at its level nodes (bounds.levels).
 
-        Returns (leaves (L + f, 4), bounds, estimates), or None when a float32 deviation
-        overflowed (the caller partitions instead).
+        Returns (leaves (L, 4), bounds (L, K, 4)), or None when a float32 deviation overflowed
+        (the caller partitions instead).
         """
-        out = level_logits(self.net, self.enc, plan.nodes, plan.axis, groups=leaves,
+        out = level_bounds(self.net, self.enc, plan.box[0], plan.axis, leaves,
                            precision='float32' if self.float32 else 'float64',
                            deadline=deadline)
         if out is None:
             return None
-        logits, radius, unstable = out
-        self.unstable += unstable
+        part, c, r, mixed = out
+        self.unstable += mixed
         # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
-        radius = radius + tau_reach(plan.box, free_radius(self.net, self.enc))
-        part, c, r = leaf_forms(plan.box[0], plan.nodes, plan.axis, logits, radius, leaves)
-        if plan.free.shape[0]:
-            self.free_leaves += plan.free.shape[0]
-            cf, rf = free_forms(self.logits(), plan.free, free_radius(self.net, self.enc))
-            part, c, r = torch.cat([part, plan.free]), torch.cat([c, cf]), torch.cat([r, rf])
-        return (part, *self._readout(c, r, part))
+        r = r + tau_reach(part, free_radius(self.net, self.enc))[:, None]
+        return part, READOUT_BOUNDS[self.readout](c, r, part, self.grid)
 
     def _propagate(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
         """Output forms (C (n, 3, K, P), R (n, kr, K, P)) of the network on sub-boxes ``part``."""
@@ -276,17 +274,12 @@ class _Evaluator:
 
 @dataclass(frozen=True)
 class _LevelPlan:
-    """A one-axis (τ, κ) box to bound at its level nodes, and the free part carved off it."""
+    """A one-axis (τ, κ) box to bound at its level nodes (bounds.levels)."""
 
     box: torch.Tensor  # (1, 4)
     axis: int
-    nodes: torch.Tensor  # (G,)
-    free: torch.Tensor  # (0 or 1, 4)
-
-    @property
-    def segments(self) -> int:
-        """Pieces between adjacent nodes (the most leaves the plan can use)."""
-        return self.nodes.shape[0] - 1
+    segments: int  # pieces between adjacent nodes: the most leaves the plan can use
+    points: int  # distinct network inputs among the nodes: what the plan costs
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
@@ -297,16 +290,14 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
     """
     if not tau_ok:
         return None
-    free, rest = carve_free(root, enc.values, enc.value_weights)
-    if rest.shape[0] != 1:
-        return None  # both thresholds clip: an L-shaped rest
-    axis = level_axis(rest[0], enc.values, enc.value_weights)
+    axis = level_axis(root[0], enc.values, enc.value_weights)
     if axis is None:
+        return None  # both thresholds clip, or neither
+    nodes = level_nodes(root[0], enc.values, enc.value_weights, axis)
+    points = evaluation_points(nodes, enc.values, enc.value_weights, axis)[0].shape[0]
+    if points > min(max_nodes, NODES_PER_SUBBOX * budget.max_subboxes):
         return None
-    nodes = level_nodes(rest[0], enc.values, enc.value_weights, axis)
-    if nodes.shape[0] > min(max_nodes, NODES_PER_SUBBOX * budget.max_subboxes):
-        return None
-    return _LevelPlan(rest, axis, nodes, free)
+    return _LevelPlan(root, axis, nodes.shape[0] - 1, points)
 
 
 def _threshold_root(net: CompiledNetwork, box: PhotometricBox, readout: str, method: str,
@@ -473,7 +464,7 @@ def certify_keypoints(
     plan = None
     if thresholds and method == 'forward' and relu == 'parallel' and level_nodes > 0:
         plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
-    stats['level_nodes'] = 0 if plan is None else int(plan.nodes.shape[0])
+    stats['level_nodes'] = 0 if plan is None else plan.points
     try:
         with torch.no_grad():
             result = None if plan is None else _bound_levels(evaluate, plan, budget, deadline)
@@ -512,9 +503,8 @@ def _bound_levels(evaluate: _Evaluator, plan: _LevelPlan, budget: Budget,
     out = evaluate.levels(plan, leaves, deadline)
     if out is None:
         return None
-    part, bounds, _ = out
     stopped = 'converged' if leaves == plan.segments else 'budget'
-    return RefineResult(part, bounds, leaves, 1, stopped, part.shape[0])
+    return RefineResult(*out, leaves, 1, stopped, leaves)
 
 
 def _check_heatmaps(detector, image_shape: tuple[int, ...], heatmaps: torch.Tensor,

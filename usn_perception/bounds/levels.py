@@ -215,21 +215,37 @@ def radius_groups(segments: int, groups: int | None) -> torch.Tensor:
     return torch.arange(segments) * n // segments
 
 
-def level_logits(net: CompiledNetwork, enc, nodes: torch.Tensor, axis: int, *,
-                 groups: int | None = None, precision: str = 'float32',
-                 deadline: float | None = None) -> tuple | None:
-    """Heatmap logits at the ``nodes`` and the interpolation radius of each segment.
+def evaluation_points(nodes: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
+                      axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct inputs among the nodes: (points (G',), index of each node's point (G,)).
 
-    ``groups``: radius rows, each shared by that many contiguous segments' worth (None: one
-    per segment, the tightest; 1: one for all, the cheapest: every row costs one image per
-    layer). Returns ((G, K, P) float64 nodal logits, (G − 1, K, P) float64 radius of each
+    Beyond the present values (τ ≤ v_min, κ ≥ v_max) nothing clips: those nodes' unshifted
+    inputs are the boundary value's, so the network runs once for all of them (the box's
+    free part costs nothing and needs no leaf of its own).
+    """
+    v_min, v_max = present_range(values, weights)
+    eff = nodes.clamp(min=v_min) if axis == TAU else nodes.clamp(max=v_max)
+    points, index = torch.unique_consecutive(eff, return_inverse=True)
+    return points, index
+
+
+def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
+                 group: torch.Tensor | None = None, precision: str = 'float32',
+                 deadline: float | None = None) -> tuple | None:
+    """Heatmap logits at the ``points`` (distinct, ascending) and each segment's radius.
+
+    ``group`` (G' − 1,) maps each segment to its radius row, contiguous and from 0 (None: one
+    row per segment, the tightest; all 0: one for all, the cheapest: every row costs one image
+    per layer). Returns ((G', K, P) float64 logits, (G' − 1, K, P) float64 radius of each
     segment, count of mixed neurons), or None when a deviation overflowed (the caller bounds
     the sub-box another way). ``precision``: the deviations' dtype ('float32' needs
     :func:`~usn_perception.bounds.rounding.float32_problem` to have found nothing).
     """
     dtype, unit = (torch.float32, U32) if precision == 'float32' else (torch.float64, U64)
-    u = _nodal_inputs(enc, nodes, axis)
-    group = radius_groups(nodes.shape[0] - 1, groups).to(u.device)
+    u = _nodal_inputs(enc, points, axis)
+    if group is None:
+        group = torch.arange(points.shape[0] - 1)
+    group = group.to(u.device)
     # Node 0 is the reference, in float64; the others are deviations D_j = c_j − c_0 rounded to
     # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
     # the readout's logit slack like every other float64 step of the engine).
@@ -310,3 +326,36 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
             + dev_hi - dev_lo) * (32.0 * U64)
     spread = 0.5 * (dev_hi - dev_lo)
     return out, centre, ((rad + spread) * (1.0 + 16.0 * U64) + slop + 1e-300)[:, None]
+
+
+def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
+                 leaves: int | None = None, *, precision: str = 'float32',
+                 deadline: float | None = None) -> tuple | None:
+    """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count).
+
+    The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
+    present values takes its point's logits, and a segment between two such nodes (constant
+    input) the larger radius of the evaluated segments beside its point, which bounds that
+    point's own error. The result still leaves out the input's − τ: the caller adds |τ|·R.
+    None when :func:`level_logits` is.
+    """
+    values, weights = enc.values, enc.value_weights
+    nodes = level_nodes(box, values, weights, axis)
+    points, index = evaluation_points(nodes, values, weights, axis)
+    leaf_of = radius_groups(nodes.shape[0] - 1, leaves).to(nodes.device)
+    live = index[1:] != index[:-1]  # segments with an evaluated segment of their own
+    if points.shape[0] == 1:  # one input for the whole box (a point): run it as a segment
+        points = points.repeat(2)
+        group = torch.zeros(1, dtype=torch.long, device=nodes.device)
+    else:
+        _, group = torch.unique_consecutive(leaf_of[live], return_inverse=True)
+    out = level_logits(net, enc, points, axis, group=group, precision=precision,
+                       deadline=deadline)
+    if out is None:
+        return None
+    logits, radius, mixed = out
+    seg = index[:-1].clamp(max=radius.shape[0] - 1)  # live segment s is evaluated one index[s]
+    before = radius[(index[:-1] - 1).clamp(min=0)]
+    flat = torch.maximum(before, radius[seg])  # a constant segment: its point's error
+    per_segment = torch.where(live.view(-1, 1, 1), radius[seg], flat)
+    return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves), mixed)
