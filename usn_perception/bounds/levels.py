@@ -161,15 +161,14 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
     c = v0.reshape(-1).to(d.dtype)  # error ≤ u·|c_0|
     top = d2.amax(0).clamp_(min=0.0)  # over all nodes, D_0 = 0 included
     bottom = d2.amin(0).clamp_(max=0.0)
-    m = torch.maximum(top, -bottom)
-    top += c
-    bottom += c
-    r_max = r2.amax(0)
-    # Node values computed as c + D_j are within u·|c_0| + u·|c_j| ≤ 3u·(|c| + m) of exact.
-    margin = (c.abs() + m + r_max).mul_(8.0 * unit).add_(TINY)
-    on = bottom - r_max - margin >= 0
-    off = top + r_max + margin <= 0
-    mixed = torch.nonzero(~(on | off))[:, 0]
+    m = torch.maximum(top, bottom.neg())
+    r_max = r2[0] if n_r == 1 else r2.amax(0)
+    # Node values computed as c + D_j are within u·|c_0| + u·|c_j| ≤ 3u·(|c| + m) of exact;
+    # ``reach`` = largest radius + that margin.
+    reach = c.abs().add_(m).add_(r_max).mul_(8.0 * unit).add_(TINY).add_(r_max)
+    on = bottom.add_(c) >= reach
+    off = top.add_(c).add_(reach) <= 0
+    mixed = torch.nonzero(on.logical_or(off).logical_not_())[:, 0]
     if mixed.numel():  # gathered before d and r are zeroed in place
         dm, rm = d2.index_select(1, mixed), r2.index_select(1, mixed)
     keep = on.to(d.dtype)
@@ -185,7 +184,8 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
         gap = torch.where(flip, a.abs() * b.abs() / (a.abs() + b.abs()).clamp_(
             min=torch.finfo(d.dtype).tiny), torch.zeros_like(a))
         r_seg = rm if n_r == a.shape[0] else rm.index_select(0, group)
-        seg_off = (torch.maximum(a, b) + r_seg + margin.index_select(0, mixed)) <= 0
+        margin = reach.index_select(0, mixed) - rm.amax(0)  # ≥ the margin (rounded up)
+        seg_off = (torch.maximum(a, b) + r_seg + margin) <= 0
         rn = torch.where(seg_off, torch.zeros_like(r_seg), r_seg).add_(gap.mul_(1.0 + 8.0 * unit))
         if n_r == 1:
             rn = rn.amax(0, keepdim=True)
@@ -194,7 +194,7 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
         r_new.index_copy_(1, mixed, (rn + mm.mul(16.0 * unit)).mul_(
             1.0 + 4.0 * _gamma(20, unit)).add_(TINY))
     # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is not off.
-    m_new = m.mul_(~off).view(1, *d.shape[1:])
+    m_new = m.masked_fill_(off, 0.0).view(1, *d.shape[1:])
     return (torch.relu(v0), d_new.view(d.shape), r_new.view(r.shape), m_new,
             int(mixed.numel()))
 
