@@ -201,9 +201,9 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
     det = homogeneous_shallow(seed, readout)
     image = one_sided(seed, side)
     for box in (NODE_BOX, OFFLINE_BOX):
-        for n in (1, 3, 96):
-            cert = certify_keypoints(det, image, box, budget=Budget(n), level_nodes=256)
-            if n == 96 or (n == 3 and box is NODE_BOX):  # (1 sub-box affords 9 nodes)
+        for n in (1, 3, 8):
+            cert = certify_keypoints(det, image, box, budget=Budget(n))
+            if n == 8 or (n == 3 and box is NODE_BOX):  # (1 sub-box affords 9 nodes)
                 assert cert.stats['level_nodes'] > 0, cert.stats
             if cert.stats['level_nodes']:
                 assert cert.stats['subboxes'] <= n
@@ -260,13 +260,16 @@ def test_the_plan_is_not_used_where_it_does_not_apply():
     dark = one_sided(0, 'dark')
     assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(3),
                              level_nodes=0).stats['level_nodes'] == 0
-    # More nodes than the budget affords (NODES_PER_SUBBOX per sub-box) or than allowed.
-    many = certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(96))
+    # More nodes than the budget affords (NODES_PER_SUBBOX per sub-box) or than allowed, or
+    # a budget above LEVEL_MAX_SUBBOXES (the partition is tighter there).
+    many = certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(8))
     assert many.stats['level_nodes'] > 9
     assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(1)).stats[
         'level_nodes'] == 0
-    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(96),
+    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(8),
                              level_nodes=5).stats['level_nodes'] == 0
+    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(16)).stats[
+        'level_nodes'] == 0
     # A network whose |W| chain makes |τ|·R non-negligible (random, untrained): no free
     # sub-boxes, and no level nodes either (they leave the input's − τ to that bound).
     rough = homogeneous_detector(0)

@@ -84,6 +84,11 @@ NODES_PER_SUBBOX = 9
 #: Most level nodes of one certificate, whatever the budget (16-bit frames can hold
 #: thousands of values in a threshold's range): beyond it the partition bounds the box.
 LEVEL_NODES = 64
+#: Largest budget (sub-boxes) that uses level nodes. Measured on the node-box renders of
+#: bench/bench_certify.py (session 8): at 3 and 8 sub-boxes level nodes are both tighter and
+#: faster (median tightness 5.2 vs 119, 2.8 vs 7.4); at 16 the partition's propagated leaves
+#: are tighter (1.7 vs 2.2) at 2.5x the time, which offline budgets can afford.
+LEVEL_MAX_SUBBOXES = 8
 
 
 #: The readout bound of each readout: (centre forms, radius, sub-boxes, cell grid) -> boxes.
@@ -288,7 +293,7 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
 
     ``tau_ok``: the |τ|·R bound the nodes need (and free sub-boxes) is negligible.
     """
-    if not tau_ok:
+    if not tau_ok or budget.max_subboxes > LEVEL_MAX_SUBBOXES:
         return None
     axis = level_axis(root[0], enc.values, enc.value_weights)
     if axis is None:
@@ -363,9 +368,10 @@ def certify_keypoints(
     ``level_nodes``: in threshold coordinates, when only one threshold clips pixels (only dark
     or only bright ones reach it), the box is bounded by running the network at every present
     pixel value in that threshold's range (:mod:`usn_perception.bounds.levels`, exact at
-    each) when there are at most this many and at most
-    :data:`NODES_PER_SUBBOX` per sub-box of the budget; ``budget.max_subboxes`` is then the
-    number of leaves (radius rows and readout bounds). 0 turns it off.
+    each) when there are at most this many, at most :data:`NODES_PER_SUBBOX` per sub-box of
+    the budget, and the budget is at most :data:`LEVEL_MAX_SUBBOXES`;
+    ``budget.max_subboxes`` is then the number of leaves (radius rows and readout bounds).
+    0 turns it off.
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
     with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes
