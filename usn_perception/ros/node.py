@@ -126,7 +126,8 @@ PARAMETERS: dict[str, Param] = {
     'certify.method': Param('forward', 'bound method: ' + ', '.join(METHODS), choices=METHODS),
     'certify.max_subboxes': Param(5, 'most θ sub-boxes propagated per frame (fewer under '
                                      'budget_ms when recent frames show they would not fit; '
-                                     'the part of the box where no pixel clips is extra)',
+                                     'the part of the box where no pixel clips is extra; '
+                                     'leaves, where the frame is bounded at its clip levels)',
                                   range=(1, 4096)),
     'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
                                      '(deterministic)', range=(0.0, 10000.0)),
