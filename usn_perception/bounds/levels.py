@@ -87,8 +87,9 @@ def level_nodes(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
     return torch.cat([ends[:1], present.sort().values, ends[1:]])
 
 
-def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> torch.Tensor:
-    """(G, 1, H, W) float64 network inputs ``clip(x, τ, κ)`` at each node, *without* the − τ.
+def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network inputs ``clip(x, τ, κ)``, *without* the − τ, at each node: (node 0's (1, 1, H, W),
+    the others' deviations from it (G − 1, 1, H, W)), float64.
 
     The other threshold sits where it clips nothing. Leaving out the − τ (a constant image,
     which a zero-sum first filter cancels up to rounding) keeps the deviations between nodes
@@ -96,8 +97,10 @@ def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> torch.Tensor:
     """
     lo, hi = float(enc.values.min()), float(enc.values.max())
     if axis == KAPPA:
-        return enc.threshold_inputs(torch.full_like(nodes, lo), nodes, shift=False)
-    return enc.threshold_inputs(nodes, torch.full_like(nodes, hi), shift=False)
+        u = enc.threshold_inputs(torch.full_like(nodes, lo), nodes, shift=False)
+    else:
+        u = enc.threshold_inputs(nodes, torch.full_like(nodes, hi), shift=False)
+    return u[:1], u[1:] - u[:1]
 
 
 def _gamma(n: int, unit: float) -> float:
@@ -242,15 +245,13 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     :func:`~usn_perception.bounds.rounding.float32_problem` to have found nothing).
     """
     dtype, unit = (torch.float32, U32) if precision == 'float32' else (torch.float64, U64)
-    u = _nodal_inputs(enc, points, axis)
+    v0, diff = _nodal_inputs(enc, points, axis)
     if group is None:
         group = torch.arange(points.shape[0] - 1)
-    group = group.to(u.device)
+    group = group.to(v0.device)
     # Node 0 is the reference, in float64; the others are deviations D_j = c_j − c_0 rounded to
     # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
     # the readout's logit slack like every other float64 step of the engine).
-    v0 = u[:1]
-    diff = u[1:] - v0
     d = diff.to(dtype)
     r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).repeat(int(group[-1]) + 1, 1, 1, 1)
     unstable = 0
@@ -289,43 +290,35 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
     tile ``box``: adjacent leaves share their cut), centre forms (L, 3, K, P) affine in the
     active threshold, and radii (L, 1, K, P).
     """
-    group = radius_groups(nodes.shape[0] - 1, leaves).to(nodes.device)
+    group = radius_groups(nodes.shape[0] - 1, leaves)
     n_leaf = int(group[-1]) + 1
-    seg = torch.arange(group.numel(), device=nodes.device)
-    first = _group_reduce(seg, group, n_leaf, 'amin')
-    last = _group_reduce(seg + 1, group, n_leaf, 'amax')
-    lo, hi = nodes[first], nodes[last]
+    # Each leaf's first segment and one past its last (groups are contiguous).
+    cuts = torch.searchsorted(group, torch.arange(n_leaf + 1)).tolist()
     out = box.reshape(1, 4).repeat(n_leaf, 1)
-    out[:, 2 * axis] = lo
-    out[:, 2 * axis + 1] = hi
-    a, b = logits[first], logits[last]  # (L, K, P)
-    width = (hi - lo).view(-1, 1, 1)
-    slope = torch.where(width > 0, (b - a) / torch.where(width > 0, width, 1.0),
-                        torch.zeros_like(a))
-    c0 = a - slope * lo.view(-1, 1, 1)
-    # Inner nodes' deviations from their leaf's chord (the ends deviate by rounding only).
-    owner = torch.cat([group, group[-1:]])  # node j belongs to the leaf of segment j
-    dev = logits - (c0[owner] + slope[owner] * nodes.view(-1, 1, 1))
-    inner = torch.ones_like(owner, dtype=torch.bool)
-    inner[first] = False
-    inner[last] = False
-    dev_hi = torch.zeros_like(a)
-    dev_lo = torch.zeros_like(a)
-    if bool(inner.any()):
-        idx = torch.nonzero(inner)[:, 0]
-        dev_hi = torch.maximum(dev_hi, _group_reduce(dev[idx], owner[idx], n_leaf, 'amax'))
-        dev_lo = torch.minimum(dev_lo, _group_reduce(dev[idx], owner[idx], n_leaf, 'amin'))
-    rad = _group_reduce(radius, group, n_leaf, 'amax')
-    centre = torch.zeros((n_leaf, 3, *a.shape[1:]), dtype=a.dtype, device=a.device)
-    centre[:, 0] = c0 + 0.5 * (dev_hi + dev_lo)
-    centre[:, 1 + axis] = slope
-    # The chord in floating point is within a few ulps of the exact one through (a, b); the
-    # deviations were computed in float64 too.
-    reach = torch.maximum(lo.abs(), hi.abs()).view(-1, 1, 1)
-    slop = (a.abs() + b.abs() + c0.abs() + slope.abs() * reach
-            + dev_hi - dev_lo) * (32.0 * U64)
-    spread = 0.5 * (dev_hi - dev_lo)
-    return out, centre, ((rad + spread) * (1.0 + 16.0 * U64) + slop + 1e-300)[:, None]
+    out[:, 2 * axis] = nodes[cuts[:-1]]
+    out[:, 2 * axis + 1] = nodes[cuts[1:]]
+    centre = logits.new_zeros((n_leaf, 3, *logits.shape[1:]))
+    rad = logits.new_empty((n_leaf, *logits.shape[1:]))
+    for i, (first, last) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        lo, hi = float(nodes[first]), float(nodes[last])
+        a, b = logits[first], logits[last]
+        slope = (b - a) / (hi - lo) if hi > lo else torch.zeros_like(a)
+        c0 = a - slope * lo
+        # Inner nodes' deviations from the chord (its ends deviate by rounding only).
+        dev_hi = dev_lo = torch.zeros_like(a)
+        if last - first > 1:
+            inner = logits[first + 1:last] - (c0 + slope * nodes[first + 1:last].view(-1, 1, 1))
+            dev_hi, dev_lo = inner.amax(0).clamp_(min=0.0), inner.amin(0).clamp_(max=0.0)
+        centre[i, 0] = c0 + 0.5 * (dev_hi + dev_lo)
+        centre[i, 1 + axis] = slope
+        # The chord in floating point is within a few ulps of the exact one through (a, b);
+        # the deviations were computed in float64 too.
+        reach = max(abs(lo), abs(hi))
+        slop = (a.abs() + b.abs() + c0.abs() + slope.abs() * reach
+                + dev_hi - dev_lo) * (32.0 * U64)
+        spread = 0.5 * (dev_hi - dev_lo)
+        rad[i] = ((radius[first:last].amax(0) + spread) * (1.0 + 16.0 * U64) + slop + 1e-300)
+    return out, centre, rad[:, None]
 
 
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
