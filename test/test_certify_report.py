@@ -115,6 +115,7 @@ def test_precision_is_recorded_and_reaches_the_engine(setup, tmp_path):
     (['--alpha', '-1,1'], 'positive'),
     (['--budget', '0'], 'max_subboxes'),
     (['--exact-values', '-1'], 'exact-values'),
+    (['--level-nodes', '-1'], 'level-nodes'),
 ])
 def test_bad_box_or_budget_fails_cleanly(setup, tmp_path, capsys, args, problem):
     _, data, models = setup

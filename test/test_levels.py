@@ -9,13 +9,11 @@ not be used (both thresholds clip, a network whose |τ|·R is not negligible, to
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from test_certify import assert_sound, homogeneous_detector
-from test_free import NODE_BOX, OFFLINE_BOX, homogeneous_shallow, mid_image
+from test_free import DEFAULT, F64, NODE_BOX, OFFLINE_BOX, homogeneous_shallow, mid_image
 
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import compile_network
@@ -33,10 +31,6 @@ from usn_perception.bounds.levels import (
 from usn_perception.bounds.thresholds import carve_free, threshold_row
 from usn_perception.certify import Budget, PhotometricBox, certify_keypoints
 from usn_perception.detector import load_detector
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT = REPO / 'models' / 'default' / 'model.json'
-F64 = torch.float64
 
 
 def one_sided(seed: int, side: str) -> np.ndarray:
@@ -252,6 +246,13 @@ def test_shipped_model_level_certificates_are_sound_and_tighter():
 
 
 # --- when not to use them ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('bad', [-1, 2.5, None])
+def test_level_nodes_must_be_a_non_negative_integer(bad):
+    det = homogeneous_shallow(0, 'local-centroid')
+    with pytest.raises(ValueError, match='level_nodes'):
+        certify_keypoints(det, one_sided(0, 'dark'), NODE_BOX, budget=Budget(3), level_nodes=bad)
+
 
 def test_the_plan_is_not_used_where_it_does_not_apply():
     det = homogeneous_shallow(0, 'local-centroid')

@@ -142,6 +142,7 @@ def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     ({'max_width_px': 0.0}, 'max_width_px'),
     ({'score_threshold': 1.5}, 'score_threshold'),
     ({'exact_values': -1}, 'exact_values'),
+    ({'level_nodes': -1}, 'level_nodes'),
 ])
 def test_invalid_settings_are_refused(kwargs: dict, word: str):
     with pytest.raises(ValueError, match=word):

@@ -402,6 +402,8 @@ def certify_keypoints(
         raise ValueError(f'generators must be a non-negative integer, got {generators!r}')
     if not (isinstance(exact_values, int) and exact_values >= 0):
         raise ValueError(f'exact_values must be a non-negative integer, got {exact_values!r}')
+    if not (isinstance(level_nodes, int) and level_nodes >= 0):
+        raise ValueError(f'level_nodes must be a non-negative integer, got {level_nodes!r}')
     if max_width_px is not None and not max_width_px > 0:
         raise ValueError(f'max_width_px must be positive, got {max_width_px}')
     precision = resolve_precision(precision, detector.device)
@@ -436,9 +438,10 @@ def certify_keypoints(
     # Free sub-boxes and level nodes both leave the input's − τ to the |τ|·R bound: usable
     # when it is negligible (bounds.free).
     tau_ok, has_free = False, False
+    wants_levels = thresholds and method == 'forward' and relu == 'parallel' and level_nodes > 0
     if thresholds and method == 'forward':
         has_free = bool(carve_free(root, enc.values, enc.value_weights)[0].shape[0])
-        if has_free or (level_nodes > 0 and relu == 'parallel'):
+        if has_free or wants_levels:
             tau = float(root[0, :2].abs().max())
             tau_ok = tau * float(free_radius(net, enc).max()) <= FREE_TOLERANCE * float(
                 logits().abs().max())
@@ -468,7 +471,7 @@ def certify_keypoints(
         root = box.as_row()
         how = {'intensity': enc.mean_intensity()}
     plan = None
-    if thresholds and method == 'forward' and relu == 'parallel' and level_nodes > 0:
+    if wants_levels:
         plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
     stats['level_nodes'] = 0 if plan is None else plan.points
     try:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from usn_perception.certify import (
     EXACT_VALUES,
+    LEVEL_NODES,
     Budget,
     CertStatus,
     PhotometricBox,
@@ -105,6 +106,7 @@ def certify_dataset(
     desc: str = 'certify',
     exact_values: int = EXACT_VALUES,
     precision: str = 'auto',
+    level_nodes: int = LEVEL_NODES,
 ) -> CertifiedRun:
     """Predict and certify every image (up to ``limit``) of a labelled dataset."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -127,7 +129,7 @@ def certify_dataset(
         t0 = time.perf_counter()
         cert = certify_keypoints(detector, image, box, readout=readout, method=method,
                                  budget=budget, exact_values=exact_values,
-                                 precision=precision)
+                                 precision=precision, level_nodes=level_nodes)
         t_cert[i] = time.perf_counter() - t0
         boxes[i], nominal[i], status[i] = cert.boxes, cert.nominal, cert.status
         subboxes[i] = cert.stats.get('subboxes', 0)

@@ -10,6 +10,7 @@ import cv2
 from usn_perception.bounds.rounding import resolve_precision
 from usn_perception.certify import (
     EXACT_VALUES,
+    LEVEL_NODES,
     Budget,
     CertStatus,
     PhotometricBox,
@@ -52,6 +53,7 @@ def write_certify_report(
     data_path: str | Path | None = None,
     exact_values: int = EXACT_VALUES,
     precision: str = 'auto',
+    level_nodes: int = LEVEL_NODES,
 ) -> dict:
     """Certify each detector on ``dataset`` and write the report into ``out`` atomically."""
     per_model, runs = [], []
@@ -59,7 +61,8 @@ def write_certify_report(
     for det, label in zip(detectors, labels, strict=True):
         run = certify_dataset(det, dataset, box, method=method, budget=budget, limit=limit,
                               progress=progress, desc=f'certify {label}',
-                              exact_values=exact_values, precision=precision)
+                              exact_values=exact_values, precision=precision,
+                              level_nodes=level_nodes)
         s = run.summary(tolerances)
         s.update(model=label, model_path=det.source, model_sha256=det.sha256,
                  parameters=det.num_parameters, readout=det.readout)
@@ -74,7 +77,8 @@ def write_certify_report(
                 r = certify_dataset(det, dataset, box.scaled(f), method=method, budget=budget,
                                     limit=min(sweep_limit, limit or sweep_limit),
                                     progress=progress, desc=f'sweep {label} x{f:g}',
-                                    exact_values=exact_values, precision=precision)
+                                    exact_values=exact_values, precision=precision,
+                                    level_nodes=level_nodes)
                 points.append((f, r.summary(tolerances)['certified_accuracy']))
             sweep_rows[label] = points
 
@@ -83,6 +87,7 @@ def write_certify_report(
         'box': box.to_json(),
         'method': method,
         'exact_values': exact_values,
+        'level_nodes': level_nodes,
         'precision': resolve_precision(precision, detectors[0].device),
         'budget': None if budget is None else {'max_subboxes': budget.max_subboxes,
                                                'max_ms': budget.max_ms},
@@ -114,19 +119,20 @@ def write_certify_report(
                        ylabel='certified accuracy', title='certified accuracy vs perturbation',
                        ylim=(0, 1.02))
         _examples(stage / 'examples.png', detectors[0], dataset, box, method, budget,
-                  exact_values, precision)
+                  exact_values, precision, level_nodes)
         (stage / 'report.md').write_text(_markdown(summary, tolerances, bool(sweep_rows)))
         write_json(stage / 'summary.json', summary)
     return summary
 
 
 def _examples(path: Path, det, dataset, box, method, budget, exact_values: int,
-              precision: str = 'auto', count: int = 3) -> None:
+              precision: str = 'auto', level_nodes: int = LEVEL_NODES, count: int = 3) -> None:
     tiles = []
     for i in range(min(count, len(dataset))):
         img = dataset.load_image(i)
         cert = certify_keypoints(det, img, box, method=method, budget=budget,
-                                 exact_values=exact_values, precision=precision)
+                                 exact_values=exact_values, precision=precision,
+                                 level_nodes=level_nodes)
         tiles.append(draw_keypoints(img, cert.nominal, boxes=cert.boxes,
                                     certified=cert.certified, truth=dataset.samples[i].keypoints,
                                     scale=2))
@@ -151,7 +157,8 @@ def _markdown(summary: dict, tolerances: Sequence[float], has_sweep: bool) -> st
         f'Perturbation set: α ∈ {box["alpha"]}, β ∈ {box["beta"]} '
         f'(x\' = clip(α·x + β, 0, 1)); method `{summary["method"]}`, budget '
         f'{summary["budget"] or "offline default"}, exact first-stage values '
-        f'{summary["exact_values"]}, precision {summary["precision"]}; '
+        f'{summary["exact_values"]}, level nodes {summary["level_nodes"]}, '
+        f'precision {summary["precision"]}; '
         f'data `{summary["data"]}`, '
         f'{summary["images"]} images, {summary["keypoints"]} labelled keypoints.', '',
         'A keypoint is *certified correct at τ* when its whole certified box lies within τ '

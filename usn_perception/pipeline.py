@@ -19,7 +19,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
-from usn_perception.certify import EXACT_VALUES, METHODS, Budget, CertStatus, certify_keypoints
+from usn_perception.certify import (
+    EXACT_VALUES,
+    LEVEL_NODES,
+    METHODS,
+    Budget,
+    CertStatus,
+    certify_keypoints,
+)
 from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
 from usn_perception.network import READOUTS
 
@@ -36,7 +43,8 @@ class PipelineSettings:
     ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none; with a limit the number of
     sub-boxes per frame follows the time the previous frames took, see
     :meth:`FramePipeline.subboxes_for_next_frame`), ``max_width_px``
-    (wider boxes are NOT_CERTIFIED, None = no limit), ``exact_values`` and ``precision`` go to
+    (wider boxes are NOT_CERTIFIED, None = no limit), ``exact_values``, ``level_nodes`` and
+    ``precision`` go to
     :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
     ``score_threshold`` are not certified (SKIPPED, NaN box); when none is left, the
     certification is skipped. ``readout`` None uses the model's.
@@ -49,6 +57,7 @@ class PipelineSettings:
     budget_ms: float | None = None
     max_width_px: float | None = None
     exact_values: int = EXACT_VALUES
+    level_nodes: int = LEVEL_NODES
     precision: str = 'auto'
     score_threshold: float = 0.0
     interval: IntervalSettings = field(default_factory=IntervalSettings)
@@ -68,6 +77,9 @@ class PipelineSettings:
         if not (isinstance(self.exact_values, int) and self.exact_values >= 0):
             raise ValueError(f'exact_values must be a non-negative integer, '
                              f'got {self.exact_values!r}')
+        if not (isinstance(self.level_nodes, int) and self.level_nodes >= 0):
+            raise ValueError(f'level_nodes must be a non-negative integer, '
+                             f'got {self.level_nodes!r}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {PRECISIONS}, got {self.precision!r}')
         if not 0.0 <= float(self.score_threshold) <= 1.0:
@@ -202,6 +214,7 @@ class FramePipeline:
             'certify': {'enabled': s.certify, 'method': s.method,
                         'max_subboxes': s.max_subboxes, 'budget_ms': s.budget_ms,
                         'max_width_px': s.max_width_px, 'exact_values': s.exact_values,
+                        'level_nodes': s.level_nodes,
                         'score_threshold': s.score_threshold, 'precision': s.precision,
                         'precision_in_use': self.precision_in_use()},
             'interval': {'mode': s.interval.mode, 'fixed_alpha': list(s.interval.fixed_alpha),
@@ -236,7 +249,8 @@ class FramePipeline:
                                      method=s.method,
                                      budget=Budget(max_subboxes=n, max_ms=s.budget_ms),
                                      max_width_px=s.max_width_px,
-                                     exact_values=s.exact_values, nominal=pred.keypoints,
+                                     exact_values=s.exact_values, level_nodes=s.level_nodes,
+                                     nominal=pred.keypoints,
                                      nominal_heatmaps=pred.heatmaps,
                                      precision=s.precision)
             self._learn_cost(n, cert.stats['ms'])

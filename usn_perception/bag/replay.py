@@ -54,6 +54,7 @@ def node_parameters(settings: PipelineSettings, model: str | None = None) -> dic
         'certify.budget_ms': float(s.budget_ms or 0.0),
         'certify.max_width_px': float(s.max_width_px or 0.0),
         'certify.exact_values': int(s.exact_values), 'certify.precision': s.precision,
+        'certify.level_nodes': int(s.level_nodes),
         'interval.mode': iv.mode, 'interval.fixed_alpha': [float(v) for v in iv.fixed_alpha],
         'interval.fixed_beta': [float(v) for v in iv.fixed_beta],
         'interval.margin_alpha': float(iv.margin_alpha),
@@ -76,6 +77,7 @@ def settings_from_info(info: dict[str, Any]) -> PipelineSettings:
             budget_ms=c['budget_ms'] or None, max_width_px=c['max_width_px'] or None,
             score_threshold=float(c['score_threshold']),
             exact_values=int(c.get('exact_values', 0)),  # nodes before it had no exact stage
+            level_nodes=int(c.get('level_nodes', 0)),  # nor level nodes
             precision=c.get('precision', 'float64'),  # nodes before it had float64 only
             interval=IntervalSettings(mode=iv['mode'], fixed_alpha=tuple(iv['fixed_alpha']),
                                       fixed_beta=tuple(iv['fixed_beta']),

@@ -11,17 +11,19 @@ G nodes (one batched pass) and bounds only what interpolation misses inside the 
     z(t) ∈ I(c)(t) ± r     for every t of the sub-box, at every neuron,
 
 with c_j the neuron's value at node j, I(c) their piecewise-linear interpolant and r a
-single radius per neuron. Linear maps keep interpolants exact (r moves through |W|). A ReLU
-maps the nodal values to ReLU(c_j); it adds to r only where a neuron changes sign between
-two adjacent nodes, by at most |a|·b / (|a| + b) for node values a < 0 < b (the gap between
-the chord of ReLU over that segment and ReLU itself), and it keeps r where the neuron is not
-off at every node (max_j c_j + r ≤ 0 stops it).
+radius per neuron and *row* (a row serves a contiguous group of segments; every row costs one
+image per layer). Linear maps keep interpolants exact (r moves through |W|). A ReLU maps the
+nodal values to ReLU(c_j); it adds to r only where a neuron changes sign between two adjacent
+nodes, by at most |a|·b / (|a| + b) for node values a < 0 < b (the gap between the chord of
+ReLU over that segment and ReLU itself), and a segment keeps its r unless the neuron is off
+at both its nodes, radius included.
 
-Each segment between adjacent nodes then becomes an ordinary affine form in the active
-threshold (the chord of the output's nodal values) with radius r, which the readout bounds of
-:mod:`usn_perception.bounds.spec` take like any other sub-box. No ReLU between layers is
-relaxed as a function of θ: with one node per clip level the input stage is exact and the
-only error left is r.
+Contiguous segments are then grouped into leaves, each an ordinary affine form in the active
+threshold (the chord of its end nodes' logits, widened by its inner nodes' deviations from
+that chord) with its rows' radius, which the readout bounds of
+:mod:`usn_perception.bounds.spec` take like any other sub-box. No ReLU is relaxed as a
+function of θ: with one node per clip level the input stage is exact and the only error left
+is r.
 
 Floating point: node 0 runs in float64 (its values are as large as the activations), the
 others are carried as float32 *deviations* D_j = c_j − c_0, so their rounding scales with how

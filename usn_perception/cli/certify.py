@@ -28,6 +28,10 @@ def _cfg_certify(p: argparse.ArgumentParser) -> None:
                    help='clipped pixel values per sub-box bounded exactly through the first '
                         'layer (threshold coordinates; default 12; 0 = per-pixel relaxation: '
                         'cheaper per sub-box, looser)')
+    p.add_argument('--level-nodes', type=int, default=None, metavar='N',
+                   help='most network runs at the clip levels of a box where only dark or only '
+                        'bright pixels clip (budgets up to 8 sub-boxes; default 64; 0 = off: '
+                        'the partition, as at larger budgets)')
     p.add_argument('--precision', choices=('auto', 'float64', 'float32'), default='auto',
                    help='float32 forms with tracked rounding (auto: where sound, i.e. on the '
                         'CPU; same boxes within ~1 %%, faster) or float64 throughout')
@@ -49,7 +53,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     A keypoint is certified correct at τ when its whole certified box lies within τ pixels of
     the ground truth. Several --model values are certified on the same images in one run.
     """
-    from usn_perception.certify import EXACT_VALUES, Budget, PhotometricBox
+    from usn_perception.certify import EXACT_VALUES, LEVEL_NODES, Budget, PhotometricBox
     from usn_perception.certify_report import write_certify_report
     from usn_perception.data.coco import load_coco
     from usn_perception.detector import load_detector
@@ -57,6 +61,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     exact_values = EXACT_VALUES if args.exact_values is None else args.exact_values
     if exact_values < 0:
         raise UsnPerceptionError(f'--exact-values must be >= 0, got {exact_values}')
+    level_nodes = LEVEL_NODES if args.level_nodes is None else args.level_nodes
+    if level_nodes < 0:
+        raise UsnPerceptionError(f'--level-nodes must be >= 0, got {level_nodes}')
     try:
         box = PhotometricBox(args.alpha, args.beta)
         budget = None
@@ -73,6 +80,6 @@ def cmd_certify(args: argparse.Namespace) -> int:
         args.out, detectors, dataset, box, tolerances=args.tolerance, method=args.method,
         budget=budget, limit=args.limit, sweep=args.sweep, sweep_limit=args.sweep_limit,
         progress=progress(args), data_path=args.data, exact_values=exact_values,
-        precision=args.precision)
+        precision=args.precision, level_nodes=level_nodes)
     print(f'report: {args.out / "report.md"}')
     return 0

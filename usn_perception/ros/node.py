@@ -49,7 +49,7 @@ from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 
 from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
-from usn_perception.certify import EXACT_VALUES, METHODS, CertStatus
+from usn_perception.certify import EXACT_VALUES, LEVEL_NODES, METHODS, CertStatus
 from usn_perception.errors import ImageError
 from usn_perception.interval import MODES, IntervalSettings
 from usn_perception.network import READOUTS
@@ -137,6 +137,10 @@ PARAMETERS: dict[str, Param] = {
     'certify.exact_values': Param(EXACT_VALUES, 'clipped pixel values per sub-box bounded '
                                                 'exactly through the first layer; 0 = relax '
                                                 'each pixel (cheaper, looser)', range=(0, 256)),
+    'certify.level_nodes': Param(LEVEL_NODES, 'most network runs at the clip levels of a frame '
+                                              'where only dark or only bright pixels clip '
+                                              '(then bounded at every level: exact input); '
+                                              '0 = off', range=(0, 4096)),
     'certify.precision': Param('auto', 'auto: the θ-dependent part of the bounds in float32 '
                                        'with every rounding error bounded, where that is sound '
                                        '(x86-64 CPU); float64: float64 throughout; float32: '
@@ -187,6 +191,7 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         budget_ms=budget_ms if budget_ms > 0 else None,
         max_width_px=width if width > 0 else None,
         exact_values=int(values['certify.exact_values']),
+        level_nodes=int(values['certify.level_nodes']),
         precision=values['certify.precision'],
         score_threshold=float(values['score_threshold']),
         interval=interval)
