@@ -90,10 +90,10 @@ def level_nodes(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
 
 
 def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Network inputs ``clip(x, τ, κ)``, *without* the − τ, at each node: (node 0's (1, 1, H, W),
-    the others' deviations from it (G − 1, 1, H, W)), float64.
+    """Network inputs ``clip(x, τ, κ)`` (*without* the − τ) at each node, float64.
 
-    The other threshold sits where it clips nothing. Leaving out the − τ (a constant image,
+    Returns node 0's (1, 1, H, W) and the others' deviations from it (G − 1, 1, H, W). The
+    other threshold sits where it clips nothing. Leaving out the − τ (a constant image,
     which a zero-sum first filter cancels up to rounding) keeps the deviations between nodes
     to the clipped pixels; the caller bounds its effect by |τ|·R (:func:`.free.tau_reach`).
     """
