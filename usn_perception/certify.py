@@ -218,7 +218,7 @@ class _Evaluator:
         Returns (leaves (L, 4), bounds (L, K, 4)), or None when a float32 deviation overflowed
         (the caller partitions instead).
         """
-        out = level_bounds(self.net, self.enc, plan.box[0], plan.axis, leaves,
+        out = level_bounds(self.net, self.enc, plan.box[0], plan.axis, leaves, nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
                            deadline=deadline)
         if out is None:
@@ -283,8 +283,13 @@ class _LevelPlan:
 
     box: torch.Tensor  # (1, 4)
     axis: int
-    segments: int  # pieces between adjacent nodes: the most leaves the plan can use
+    nodes: torch.Tensor  # (G,) the box's ends and the present values between them
     points: int  # distinct network inputs among the nodes: what the plan costs
+
+    @property
+    def segments(self) -> int:
+        """Pieces between adjacent nodes: the most leaves the plan can use."""
+        return self.nodes.shape[0] - 1
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
@@ -302,7 +307,7 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
     points = evaluation_points(nodes, enc.values, enc.value_weights, axis)[0].shape[0]
     if points > min(max_nodes, NODES_PER_SUBBOX * budget.max_subboxes):
         return None
-    return _LevelPlan(root, axis, nodes.shape[0] - 1, points)
+    return _LevelPlan(root, axis, nodes, points)
 
 
 def _threshold_root(net: CompiledNetwork, box: PhotometricBox, readout: str, method: str,

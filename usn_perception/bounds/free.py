@@ -26,17 +26,12 @@ import torch
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.prefix import linear_prefix
+from usn_perception.bounds.rounding import U64, gamma
 
-#: Float64 unit roundoff.
-U64 = 2.0 ** -53
 #: Frame shapes whose radius is kept per network (like the resize plans themselves).
 MEMO_SHAPES = 8
 #: Lifts a float64 sum of non-negative terms above its exact value (generous: ~1e3 ops deep).
 SAFETY = 1.0 + 1e-9
-
-
-def _gamma64(n: int) -> float:
-    return n * U64 / (1.0 - n * U64)
 
 
 def _abs_chain(ops: list, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +58,7 @@ def free_radius(net: CompiledNetwork, enc: ImageEncoding) -> torch.Tensor:
     if hit is not None and hit[0] is enc.weights:
         return hit[1]
     rows = enc.weights.sum(1)
-    eps_s = float((rows - 1.0).abs().max()) + _gamma64(enc.weights.shape[1]) * float(rows.max())
+    eps_s = float((rows - 1.0).abs().max()) + gamma(enc.weights.shape[1], U64) * float(rows.max())
     n_pre = linear_prefix(net)
     prefix, rest = net.ops[:n_pre], net.ops[n_pre:]
     ones = torch.ones((1, *enc.shape), dtype=torch.float64, device=enc.device)
@@ -72,10 +67,10 @@ def free_radius(net: CompiledNetwork, enc: ImageEncoding) -> torch.Tensor:
     for op in prefix:
         if isinstance(op, LinearOp):
             signed = op.apply(signed)
-            err += _gamma64(op.fan_in + 1)
+            err += gamma(op.fan_in + 1, U64)
         elif isinstance(op, AffineOp):
             signed = signed * op.scale
-            err += _gamma64(1)
+            err += gamma(1, U64)
     magnitude = _abs_chain(prefix, ones) * SAFETY
     dev = signed.abs() + magnitude * (eps_s + 2.0 * err)
     radius = (_abs_chain(rest, dev * SAFETY) * SAFETY).flatten(2)[0] + 1e-300
@@ -101,9 +96,9 @@ def free_forms(logits: torch.Tensor, boxes: torch.Tensor,
 def tau_reach(boxes: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """(n, K, P) bound |τ|max·R of how far τ alone moves the logits on each (τ, κ) box.
 
-    Holds wherever no dark pixel clips (the input is then the τ = 0 one minus τ), whatever
-    the bright pixels do: :func:`free_forms` and the κ-axis level nodes
-    (:mod:`usn_perception.bounds.levels`, evaluated at τ = 0) both use it.
+    The input ``clip(x, τ, κ) − τ`` differs from ``clip(x, τ, κ)`` by the constant − τ, whose
+    effect on the logits this bounds: :func:`free_forms` (where nothing clips) and the level
+    nodes (:mod:`usn_perception.bounds.levels`, run without the − τ) both use it.
     """
     tau = torch.maximum(boxes[:, 0].abs(), boxes[:, 1].abs()).view(-1, 1, 1)
     return tau * radius * SAFETY

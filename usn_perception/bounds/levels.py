@@ -51,13 +51,11 @@ import torch
 
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
-from usn_perception.bounds.rounding import TINY, U32
+from usn_perception.bounds.rounding import TINY, U32, U64, gamma
 from usn_perception.bounds.thresholds import present_range
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
 TAU, KAPPA = 0, 1
-#: Float64 unit roundoff (the segment forms' own arithmetic).
-U64 = 2.0 ** -53
 
 
 def level_axis(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> int | None:
@@ -105,14 +103,6 @@ def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> tuple[torch.Tensor, to
     return u[:1], u[1:] - u[:1]
 
 
-def _gamma(n: int, unit: float) -> float:
-    """γ_n = n·u / (1 − n·u): relative error bound of an n-term dot product."""
-    nu = n * unit
-    if not nu < 0.5:
-        raise ValueError(f'fan-in {n} is too large for the error bounds')
-    return nu / (1.0 - nu)
-
-
 def _deviation(d: torch.Tensor) -> torch.Tensor:
     """max_j |D_j| per neuron (1, …): what a deviation's rounding scales with."""
     return torch.maximum(d.amax(0, keepdim=True), -d.amin(0, keepdim=True))
@@ -131,19 +121,19 @@ def _linear(op: LinearOp, v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
         return v0, op.apply(d), op.apply(r)
     if m is None:
         m = _deviation(d)
-    src = r + m.mul_(_gamma(op.fan_in + 1, unit))  # + 1: the weights' own rounding
+    src = r + m.mul_(gamma(op.fan_in + 1, unit))  # + 1: the weights' own rounding
     d = op.apply(d)
     r = op.apply(src) if op.nonneg else op.apply_abs(src)
-    return v0, d, r.mul_(1.0 + 4.0 * _gamma(op.fan_in + 16, unit)).add_(TINY)
+    return v0, d, r.mul_(1.0 + 4.0 * gamma(op.fan_in + 16, unit)).add_(TINY)
 
 
 def _affine(op: AffineOp, v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
             unit: float) -> tuple:
     scale = torch.as_tensor(op.scale)
     scale_d = scale.to(d.dtype)
-    src = r + _deviation(d).mul_(_gamma(2, unit))  # the scale's rounding and the product's
+    src = r + _deviation(d).mul_(gamma(2, unit))  # the scale's rounding and the product's
     return (v0 * scale + op.shift, d * scale_d,
-            (src * scale_d.abs()).mul_(1.0 + 4.0 * _gamma(18, unit)).add_(TINY))
+            (src * scale_d.abs()).mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY))
 
 
 def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tensor,
@@ -197,7 +187,7 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
         elif n_r != a.shape[0]:
             rn = _group_reduce(rn, group, rm.shape[0], 'amax')
         r_new.index_copy_(1, mixed, (rn + mm.mul(16.0 * unit)).mul_(
-            1.0 + 4.0 * _gamma(20, unit)).add_(TINY))
+            1.0 + 4.0 * gamma(20, unit)).add_(TINY))
     # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is not off.
     m_new = m.masked_fill_(off, 0.0).view(1, *d.shape[1:])
     return (torch.relu(v0), d_new.view(d.shape), r_new.view(r.shape), m_new,
@@ -324,7 +314,8 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
 
 
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
-                 leaves: int | None = None, *, precision: str = 'float32',
+                 leaves: int | None = None, *, nodes: torch.Tensor | None = None,
+                 precision: str = 'float32',
                  deadline: float | None = None) -> tuple | None:
     """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count).
 
@@ -332,10 +323,12 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     present values takes its point's logits, and a segment between two such nodes (constant
     input) the larger radius of the evaluated segments beside its point, which bounds that
     point's own error. The result still leaves out the input's − τ: the caller adds |τ|·R.
-    None when :func:`level_logits` is.
+    None when :func:`level_logits` is. ``nodes``: :func:`level_nodes` of the box, when the
+    caller has them.
     """
     values, weights = enc.values, enc.value_weights
-    nodes = level_nodes(box, values, weights, axis)
+    if nodes is None:
+        nodes = level_nodes(box, values, weights, axis)
     points, index = evaluation_points(nodes, values, weights, axis)
     leaf_of = radius_groups(nodes.shape[0] - 1, leaves).to(nodes.device)
     live = index[1:] != index[:-1]  # segments with an evaluated segment of their own

@@ -46,6 +46,8 @@ from usn_perception.bounds.propagate import BudgetExceeded
 PRECISIONS = ('auto', 'float64', 'float32')
 #: Unit roundoff of float32 (round to nearest).
 U32 = 2.0 ** -24
+#: Unit roundoff of float64.
+U64 = 2.0 ** -53
 #: Absolute slack per op: covers subnormals flushed to zero (each loses < 2⁻¹²⁶).
 TINY = 2.0 ** -100
 #: A θ-axis whose terms |vj|·h_j stay below this fraction of the largest centre value on
@@ -57,11 +59,14 @@ IDLE_AXIS = 1e-12
 UP32 = 1.0 + 2.0 ** -22
 
 
-def gamma(n: int) -> float:
-    """γ_n = n·u / (1 − n·u) for float32: the relative error bound of an n-term dot product."""
-    nu = n * U32
+def gamma(n: int, unit: float = U32) -> float:
+    """γ_n = n·u / (1 − n·u): the relative error bound of an n-term dot product.
+
+    ``unit``: the unit roundoff, :data:`U32` (default) or :data:`U64`.
+    """
+    nu = n * unit
     if not nu < 0.5:
-        raise ValueError(f'fan-in {n} is too large for float32 error bounds')
+        raise ValueError(f'fan-in {n} is too large for error bounds at unit roundoff {unit}')
     return nu / (1.0 - nu)
 
 
