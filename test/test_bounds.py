@@ -18,7 +18,7 @@ from usn_perception.bounds.box import Budget, PhotometricBox, split_boxes
 from usn_perception.bounds.diagnostics import layer_bounds
 from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
 from usn_perception.bounds.inputs import ImageEncoding
-from usn_perception.bounds.layers import SUPPORTED_LAYERS, compile_network
+from usn_perception.bounds.layers import SUPPORTED_LAYERS, compile_network, module_outputs
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
 from usn_perception.bounds.spec import (
     LOCAL_CANDIDATES,
@@ -268,6 +268,24 @@ def test_nested_layer_name_and_training_batchnorm():
         compile_network(bn, (1, 8, 8))
     with pytest.raises(UnsupportedLayerError, match='Sequential'):
         compile_network(nn.Conv2d(1, 2, 3).double(), (1, 8, 8))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_module_outputs_stand_for_every_op(seed):
+    """Each op's value is a module's output (folded BatchNorm, Identity, nested Sequential)."""
+    x = torch.rand((1, 1, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=F64)
+    for _, net, shape in _zoo(seed):
+        compiled = compile_network(net, shape)
+        with torch.no_grad():
+            outputs = module_outputs(net, x)
+            traced = compiled.trace(x)
+            torch.testing.assert_close(outputs[-1], net(x), rtol=0, atol=0)
+        assert len(compiled.sources) == len(compiled.ops) == len(traced)
+        for op, mine, theirs in zip(compiled.ops, traced, compiled.op_values(outputs),
+                                    strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12, msg=op.name)
+        with pytest.raises(ValueError, match='module outputs'):
+            compiled.op_values(outputs[:-2])
 
 
 def test_compile_cache_follows_in_place_changes():

@@ -36,6 +36,18 @@ def test_uint8_and_float_agree(detector):
     np.testing.assert_allclose(a, c, atol=1e-4)
 
 
+def test_the_trace_changes_nothing_and_ends_in_the_heatmaps(detector):
+    img = np.random.default_rng(4).integers(0, 256, (90, 120), dtype=np.uint8)
+    plain, traced = detector.run(img), detector.run(img, trace=True)
+    assert plain.trace is None
+    np.testing.assert_array_equal(plain.keypoints, traced.keypoints)
+    torch.testing.assert_close(plain.heatmaps, traced.heatmaps, rtol=0, atol=0)
+    assert len(traced.trace) == len([m for m in detector.net.modules()
+                                     if not isinstance(m, torch.nn.Sequential)])
+    assert traced.trace[-1][0] is traced.heatmaps or torch.equal(traced.trace[-1][0],
+                                                                 traced.heatmaps)
+
+
 def test_color_and_gray_inputs(detector):
     rng = np.random.default_rng(1)
     gray = rng.integers(0, 256, (48, 64), dtype=np.uint8)

@@ -27,6 +27,7 @@ from usn_perception.bounds.levels import (
     level_logits,
     level_nodes,
     radius_groups,
+    reference_unclipped,
 )
 from usn_perception.bounds.thresholds import carve_free, threshold_row
 from usn_perception.certify import Budget, PhotometricBox, certify_keypoints
@@ -83,10 +84,11 @@ def test_radius_groups_are_contiguous_and_cover_every_segment():
 
 # --- the nodal bound ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize('reuse', [False, True])
 @pytest.mark.parametrize('precision', ['float32', 'float64'])
 @pytest.mark.parametrize('groups', [None, 1, 2])
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark'), (3, 'bright')])
-def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precision):
+def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precision, reuse):
     det = homogeneous_shallow(seed)
     image = one_sided(seed, side)
     enc = ImageEncoding(image, det.config.input_size)
@@ -96,8 +98,12 @@ def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precisi
     assert axis == (TAU if side == 'dark' else KAPPA)
     nodes = level_nodes(box, enc.values, enc.value_weights, axis)
     assert nodes.shape[0] >= 4
+    # The carved box starts where the free part ends: its reference node clips nothing.
+    assert reference_unclipped(nodes, enc.values, enc.value_weights, axis)
+    trace = det.run(image, trace=True).trace if reuse else None
     group = None if groups is None else radius_groups(nodes.shape[0] - 1, groups)
-    logits, radius, _ = level_logits(net, enc, nodes, axis, group=group, precision=precision)
+    logits, radius, _ = level_logits(net, enc, nodes, axis, group=group, precision=precision,
+                                     nominal=trace)
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     scale = float(logits.abs().max())
     for s in range(nodes.shape[0] - 1):
@@ -246,6 +252,40 @@ def test_shipped_model_level_certificates_are_sound_and_tighter():
 
 
 # --- when not to use them ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_reusing_the_prediction_trace_changes_no_certificate(seed, side):
+    """The pipeline hands predict's module outputs on; the boxes are the ones without."""
+    det = homogeneous_shallow(seed, 'local-centroid')
+    image = one_sided(seed, side)
+    pred = det.run(image, trace=True)
+    for box, budget in ((NODE_BOX, Budget(3)), (OFFLINE_BOX, Budget(8))):
+        alone = certify_keypoints(det, image, box, budget=budget)
+        assert alone.stats['level_nodes'] > 0
+        given = certify_keypoints(det, image, box, budget=budget, nominal=pred.keypoints,
+                                  nominal_heatmaps=pred.heatmaps, nominal_trace=pred.trace)
+        lazy = certify_keypoints(det, image, box, budget=budget, nominal=pred.keypoints)
+        np.testing.assert_array_equal(given.boxes, alone.boxes)
+        np.testing.assert_array_equal(lazy.boxes, alone.boxes)
+    # A box whose reference node clips (it holds no unclipped point) runs its own reference.
+    shifted = PhotometricBox((1.0, 1.02), (-0.06, -0.03) if side == 'dark' else (0.03, 0.06))
+    cert = certify_keypoints(det, image, shifted, budget=Budget(3), nominal=pred.keypoints,
+                             nominal_heatmaps=pred.heatmaps, nominal_trace=pred.trace)
+    assert cert.stats['level_nodes'] > 0
+    assert_sound(det, image, shifted, cert, 'local-centroid', grid=7)
+
+
+def test_a_wrong_trace_is_refused():
+    det = homogeneous_shallow(0, 'local-centroid')
+    image = one_sided(0, 'dark')
+    pred, other = det.run(image, trace=True), det.run(one_sided(1, 'dark'), trace=True)
+    for bad in (other.trace, (), [pred.heatmaps]):
+        with pytest.raises(ValueError, match='nominal_trace'):
+            certify_keypoints(det, image, NODE_BOX, nominal=pred.keypoints,
+                              nominal_heatmaps=pred.heatmaps, nominal_trace=bad)
+    with pytest.raises(ValueError, match='nominal_trace'):  # without the heatmaps it reads
+        certify_keypoints(det, image, NODE_BOX, nominal=pred.keypoints, nominal_trace=pred.trace)
+
 
 @pytest.mark.parametrize('bad', [-1, 2.5, None])
 def test_level_nodes_must_be_a_non_negative_integer(bad):

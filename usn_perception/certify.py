@@ -28,6 +28,7 @@ from usn_perception.bounds.levels import (
     level_axis,
     level_bounds,
     level_nodes,
+    reference_unclipped,
 )
 from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
@@ -161,12 +162,15 @@ class _Evaluator:
                  heatmap_hw: tuple[int, int], relu: str, chunk: int, ibp_root: bool,
                  generators: int = 0, thresholds: bool = False, exact_values: int = 0,
                  float32: bool = False, free: Callable | None = None,
-                 logits: Callable[[], torch.Tensor] | None = None) -> None:
+                 logits: Callable[[], torch.Tensor] | None = None,
+                 trace: Callable[[], tuple] | None = None) -> None:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
         # Free sub-boxes (no pixel clipped, bounds.free): ``free(boxes)`` marks them and
-        # ``logits()`` gives the nominal heatmaps they are bounded from.
+        # ``logits()`` gives the nominal heatmaps they are bounded from; ``trace()`` the
+        # nominal module outputs, which level nodes start from.
         self.free = free
         self.logits = logits
+        self.trace = trace
         self.free_leaves = 0
         self.float32 = float32  # parallel-ReLU passes in float32 (bounds.rounding)
         self.float32_fallbacks = 0  # batches redone in float64 after a float32 overflow
@@ -218,9 +222,11 @@ class _Evaluator:
         Returns (leaves (L, 4), bounds (L, K, 4)), or None when a float32 deviation overflowed
         (the caller partitions instead).
         """
+        reuse = self.trace is not None and reference_unclipped(
+            plan.nodes, self.enc.values, self.enc.value_weights, plan.axis)
         out = level_bounds(self.net, self.enc, plan.box[0], plan.axis, leaves, nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
-                           deadline=deadline)
+                           deadline=deadline, nominal=self.trace() if reuse else None)
         if out is None:
             return None
         part, c, r, mixed = out
@@ -351,6 +357,7 @@ def certify_keypoints(
     precision: str = 'auto',
     nominal_heatmaps: torch.Tensor | None = None,
     level_nodes: int = LEVEL_NODES,
+    nominal_trace: tuple[torch.Tensor, ...] | None = None,
 ) -> KeypointCertificate:
     """Certify every keypoint of ``detector`` on ``image`` over the photometric ``box``.
 
@@ -380,7 +387,9 @@ def certify_keypoints(
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
     with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes
-    are bounded from (checked: they must read ``nominal``). ``precision``: 'float32' runs
+    are bounded from (checked: they must read ``nominal``); ``nominal_trace``, only with
+    both, the same call's module outputs (``detector.run(..., trace=True).trace``; checked:
+    its last is ``nominal_heatmaps``), which level nodes start from. ``precision``: 'float32' runs
     the θ-dependent part of the parallel-ReLU passes in float32 with every rounding error
     added to the bounds (:mod:`usn_perception.bounds.rounding`), 'float64'
     in float64, 'auto' (default) float32 where that is sound (x86-64 CPU, no reduced-precision
@@ -415,16 +424,23 @@ def certify_keypoints(
     deadline = None if budget.max_ms is None else t0 + budget.max_ms / 1000.0
     k = len(detector.keypoint_names)
     if nominal is None:
-        if nominal_heatmaps is not None:
-            raise ValueError('nominal_heatmaps needs the nominal keypoints they read')
-        pred = detector.run(image, readout=readout)  # validates the image too
-        nominal, nominal_heatmaps = pred.keypoints, pred.heatmaps
+        if nominal_heatmaps is not None or nominal_trace is not None:
+            raise ValueError('nominal_heatmaps and nominal_trace need the nominal keypoints '
+                             'they read')
+        # validates the image too
+        pred = detector.run(image, readout=readout, trace=level_nodes > 0)
+        nominal, nominal_heatmaps, nominal_trace = pred.keypoints, pred.heatmaps, pred.trace
     else:
         nominal = np.asarray(nominal, dtype=np.float64)
         if nominal.shape != (k, 2):
             raise ValueError(f'nominal must be ({k}, 2) keypoints, got shape {nominal.shape}')
         if nominal_heatmaps is not None:
             _check_heatmaps(detector, image.shape, nominal_heatmaps, nominal, readout)
+        if nominal_trace is not None and (
+                nominal_heatmaps is None or not isinstance(nominal_trace, (tuple, list))
+                or not nominal_trace or not torch.equal(nominal_trace[-1][0], nominal_heatmaps)):
+            raise ValueError('nominal_trace must be the module outputs of the call that gave '
+                             'nominal_heatmaps (Detector.run(..., trace=True).trace)')
     enc = ImageEncoding(image, detector.config.input_size, detector.device)
     net = compile_network(detector.net, enc.shape)
     w_h, h_h = detector.config.heatmap_size
@@ -439,6 +455,13 @@ def certify_keypoints(
         if not heatmaps:
             heatmaps.append(detector.heatmaps(image))
         return heatmaps[0].to(enc.device, torch.float64)
+
+    traces: list[tuple] = [] if nominal_trace is None else [tuple(nominal_trace)]
+
+    def trace() -> tuple:
+        if not traces:
+            traces.append(detector.run(image, readout=readout, trace=True).trace)
+        return traces[0]
 
     # Free sub-boxes and level nodes both leave the input's − τ to the |τ|·R bound: usable
     # when it is negligible (bounds.free).
@@ -458,7 +481,7 @@ def certify_keypoints(
                           ibp_root=not thresholds,
                           generators=0 if thresholds else generators, thresholds=thresholds,
                           exact_values=exact_values, float32=precision == 'float32',
-                          free=is_free, logits=logits)
+                          free=is_free, logits=logits, trace=trace)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
              'precision': precision if evaluate.relu == 'parallel' else 'float64',
              'coordinates': 'thresholds' if thresholds else 'theta',

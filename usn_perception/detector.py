@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from usn_perception.bounds.layers import module_outputs
 from usn_perception.model_io import default_model_path, load_model
 from usn_perception.network import READOUTS, DetectorConfig, apply_constraints, count_parameters
 from usn_perception.preprocess import PixelMapping, image_to_float, resize_area, to_gray
@@ -25,11 +26,16 @@ from usn_perception.readout import peak_scores, read_keypoints
 
 @dataclass(frozen=True)
 class Prediction:
-    """Keypoints (K, 2) in image pixels, per-keypoint scores (K,), and the heatmap logits."""
+    """Keypoints (K, 2) in image pixels, per-keypoint scores (K,), and the heatmap logits.
+
+    ``trace``, when asked for, holds every module's output (``heatmaps`` is the last one's),
+    which the certifier's level nodes reuse instead of running the network again.
+    """
 
     keypoints: np.ndarray
     scores: np.ndarray
     heatmaps: torch.Tensor
+    trace: tuple[torch.Tensor, ...] | None = None
 
 
 class Detector:
@@ -84,13 +90,19 @@ class Detector:
         return self.net(self.network_input(image))[0]
 
     @torch.no_grad()
-    def run(self, image: np.ndarray, *, readout: str | None = None) -> Prediction:
-        """Keypoints, scores and heatmaps for one image."""
+    def run(self, image: np.ndarray, *, readout: str | None = None,
+            trace: bool = False) -> Prediction:
+        """Keypoints, scores and heatmaps for one image (``trace``: keep every module's output).
+
+        The trace changes nothing else: the network runs the same way either way.
+        """
         readout = self._check_readout(readout)
-        hm = self.net(self.network_input(image))[0]
+        x = self.network_input(image)
+        outputs = tuple(module_outputs(self.net, x)) if trace else None
+        hm = (self.net(x) if outputs is None else outputs[-1])[0]
         uv = read_keypoints(hm, readout).cpu().numpy()
         kps = self.mapping(image.shape).to_image(uv)
-        return Prediction(kps, peak_scores(hm).cpu().numpy(), hm)
+        return Prediction(kps, peak_scores(hm).cpu().numpy(), hm, outputs)
 
     def predict(self, image: np.ndarray, *, readout: str | None = None) -> np.ndarray:
         """(K, 2) float64 keypoints (x, y) in input-image pixels.

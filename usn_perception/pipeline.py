@@ -234,7 +234,8 @@ class FramePipeline:
         """
         s = self._settings
         t0 = time.perf_counter()
-        pred = self.detector.run(image, readout=s.readout)  # validates the whole frame
+        # validates the whole frame; the trace lets the level nodes skip one network run
+        pred = self.detector.run(image, readout=s.readout, trace=s.certify and s.level_nodes > 0)
         t1 = time.perf_counter()
         estimate = self.interval.update(image, stamp)
         t2 = time.perf_counter()
@@ -252,7 +253,7 @@ class FramePipeline:
                                      exact_values=s.exact_values, level_nodes=s.level_nodes,
                                      nominal=pred.keypoints,
                                      nominal_heatmaps=pred.heatmaps,
-                                     precision=s.precision)
+                                     nominal_trace=pred.trace, precision=s.precision)
             self._learn_cost(n, cert.stats['ms'])
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]

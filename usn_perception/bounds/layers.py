@@ -79,12 +79,46 @@ class CompiledNetwork:
     fingerprint: tuple = field(repr=False, default=())
     #: Image-independent quantities derived from the ops (e.g. :mod:`.free`'s radius).
     memo: dict = field(repr=False, compare=False, default_factory=dict)
+    #: Per op, the module (index into :func:`module_outputs`) whose output the op's output is.
+    sources: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain evaluation through the compiled ops (used to check the compilation)."""
         for op in self.ops:
             x = apply_point(op, x)
         return x
+
+    def trace(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The value after every op on a concrete batch (the last is :meth:`forward`'s)."""
+        out = []
+        for op in self.ops:
+            x = apply_point(op, x)
+            out.append(x)
+        return out
+
+    def op_values(self, outputs: list[torch.Tensor] | tuple) -> list[torch.Tensor]:
+        """The value after every op, read from the module's own :func:`module_outputs`.
+
+        Equal to :meth:`trace` up to float64 rounding (a folded BatchNorm rounds differently).
+        """
+        if len(outputs) <= max(self.sources, default=-1):
+            raise ValueError(f'{len(outputs)} module outputs given; the network has '
+                             f'{max(self.sources) + 1}')
+        return [outputs[i] for i in self.sources]
+
+
+def module_outputs(net: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every module of ``net`` on ``x`` (nested Sequentials walked through).
+
+    The last is ``net(x)``, computed the same way; the others are what the engine's ops
+    produce (:attr:`CompiledNetwork.sources`), so a caller that already ran the network can
+    hand them on instead of the engine running it again.
+    """
+    out = []
+    for _, m in _walk(net):
+        x = m(x)
+        out.append(x)
+    return out
 
 
 def apply_point(op: Op, x: torch.Tensor) -> torch.Tensor:
@@ -173,11 +207,13 @@ def _by_dtype(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return apply, apply_abs
 
 
-def _compile_ops(net: nn.Module) -> list[Op]:
+def _compile_ops(net: nn.Module) -> tuple[list[Op], tuple[int, ...]]:
+    """The ops, and per op the walked module whose output it is (a folded BatchNorm's)."""
     if not isinstance(net, nn.Sequential):
         raise _unsupported('<root>', net, 'the engine walks an nn.Sequential')
     items = list(_walk(net))
     ops: list[Op] = []
+    sources: list[int] = []
     i = 0
     while i < len(items):
         name, m = items[i]
@@ -188,6 +224,7 @@ def _compile_ops(net: nn.Module) -> list[Op]:
             bn = _bn_affine(items[i + 1][0], nxt) if fold else None
             ops.append(_conv_op(name + ('+bn' if fold else ''), m, bn))
             i += 2 if fold else 1
+            sources.append(i - 1)
             continue
         if isinstance(m, nn.BatchNorm2d):
             scale, shift = _bn_affine(name, m)
@@ -222,8 +259,10 @@ def _compile_ops(net: nn.Module) -> list[Op]:
             pass
         else:
             raise _unsupported(name, m)
+        if len(ops) > len(sources):  # an Identity adds no op
+            sources.append(i)
         i += 1
-    return ops
+    return ops, tuple(sources)
 
 
 def _fingerprint(net: nn.Module, input_shape: tuple[int, ...]) -> tuple:
@@ -252,34 +291,40 @@ def compile_network(net: nn.Module, input_shape: tuple[int, ...]) -> CompiledNet
     hit = _CACHE.get(net)
     if hit is not None and hit.fingerprint == key:
         return hit
-    ops = _compile_ops(net)
+    ops, sources = _compile_ops(net)
     param = next(iter(net.parameters()), None)
     device = param.device if param is not None else torch.device('cpu')
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((2, *input_shape), generator=gen, dtype=torch.float64).to(device)
     max_numel = x[0].numel()
     y = x
+    values = []
     with torch.no_grad():
         for op in ops:
             y = apply_point(op, y)
             if y.shape[0] != 2:
                 raise UnsupportedLayerError(f'layer {op.name} changes the batch dimension')
             max_numel = max(max_numel, y[0].numel())
+            values.append(y)
         double = param is None or param.dtype == torch.float64
-        ref = net(x) if double else _reference(net, x)
-    err = float((y - ref).abs().max())
-    scale = 1.0 + float(ref.abs().max())
-    if not err <= 1e-9 * scale:
-        raise UnsupportedLayerError(
-            f'compiled network disagrees with the module by {err:.3g}; some layer is not '
-            'what the engine assumes')
-    compiled = CompiledNetwork(ops, tuple(input_shape), tuple(y.shape[1:]), int(max_numel), key)
+        outputs = module_outputs(net if double else _reference(net), x)
+    # Every op against the module output it stands for (callers may hand those on).
+    for op, value, src in zip(ops, values, sources, strict=True):
+        ref = outputs[src]
+        err = float((value - ref).abs().max()) if value.shape == ref.shape else float('inf')
+        scale = 1.0 + float(ref.abs().max())
+        if not err <= 1e-9 * scale:
+            raise UnsupportedLayerError(
+                f'compiled network disagrees with the module by {err:.3g} after layer '
+                f'{op.name}; some layer is not what the engine assumes')
+    compiled = CompiledNetwork(ops, tuple(input_shape), tuple(y.shape[1:]), int(max_numel), key,
+                               sources=sources)
     _CACHE[net] = compiled
     return compiled
 
 
-def _reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Float64 reference output of a network whose parameters are not float64."""
+def _reference(net: nn.Module) -> nn.Module:
+    """A float64 copy of a network whose parameters are not float64."""
     import copy
 
-    return copy.deepcopy(net).to(torch.float64)(x)
+    return copy.deepcopy(net).to(torch.float64)

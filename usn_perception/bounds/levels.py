@@ -25,8 +25,11 @@ that chord) with its rows' radius, which the readout bounds of
 function of θ: with one node per clip level the input stage is exact and the only error left
 is r.
 
-Floating point: node 0 runs in float64 (its values are as large as the activations), the
-others are carried as float32 *deviations* D_j = c_j − c_0, so their rounding scales with how
+Floating point: the reference node (the one that clips least: the lowest τ, the highest κ)
+runs in float64 (its values are as large as the activations); where it clips nothing it *is*
+the image's own prediction, whose module outputs the caller can hand on
+(``Detector.run(..., trace=True)``), so the network is not run for it again. The others are
+carried as float32 *deviations* D_j = c_j − c_0, so their rounding scales with how
 much the clip moves the activations, not with the activations (a float32 reference was
 measured: its own rounding, pushed through |W|, made node-sized boxes up to 40x wider). Every
 float32 step bounds its own error and adds it to r, as :mod:`usn_perception.bounds.rounding`
@@ -108,48 +111,43 @@ def _deviation(d: torch.Tensor) -> torch.Tensor:
     return torch.maximum(d.amax(0, keepdim=True), -d.amin(0, keepdim=True))
 
 
-def _linear(op: LinearOp, v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
-            m: torch.Tensor | None, unit: float) -> tuple:
-    """W·c for the reference (float64) and the deviations (one call), |W| for the radii.
+def _linear(op: LinearOp, d: torch.Tensor, r: torch.Tensor, m: torch.Tensor | None,
+            unit: float) -> tuple:
+    """W·D for the deviations, |W| for the radii (the reference node is traced apart).
 
     ``m`` ≥ max_j|D_j| when the previous op knows it (else computed here).
     """
-    v0 = op.apply(v0)
-    if op.bias is not None:
-        v0 = v0 + op.bias
     if op.fan_in == 0:  # moves values only: exact
-        return v0, op.apply(d), op.apply(r)
+        return op.apply(d), op.apply(r)
     if m is None:
         m = _deviation(d)
     src = r + m.mul_(gamma(op.fan_in + 1, unit))  # + 1: the weights' own rounding
     d = op.apply(d)
     r = op.apply(src) if op.nonneg else op.apply_abs(src)
-    return v0, d, r.mul_(1.0 + 4.0 * gamma(op.fan_in + 16, unit)).add_(TINY)
+    return d, r.mul_(1.0 + 4.0 * gamma(op.fan_in + 16, unit)).add_(TINY)
 
 
-def _affine(op: AffineOp, v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
-            unit: float) -> tuple:
-    scale = torch.as_tensor(op.scale)
-    scale_d = scale.to(d.dtype)
+def _affine(op: AffineOp, d: torch.Tensor, r: torch.Tensor, unit: float) -> tuple:
+    scale_d = torch.as_tensor(op.scale).to(d.dtype)
     src = r + _deviation(d).mul_(gamma(2, unit))  # the scale's rounding and the product's
-    return (v0 * scale + op.shift, d * scale_d,
-            (src * scale_d.abs()).mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY))
+    return d * scale_d, (src * scale_d.abs()).mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY)
 
 
 def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tensor,
           unit: float) -> tuple:
     """Nodal ReLU: node j is c_0 + D_j (D_0 = 0, not stored), c_0 = ``v0`` in float64.
 
-    Returns ReLU(c_0), the deviations ReLU(c_0 + D_j) − ReLU(c_0), the new radii and the
-    count of mixed neurons. Per neuron: *on* (every node ≥ every radius: the ReLU is the
-    identity on the whole sub-box, nothing changes), *off* (every node + radius ≤ 0:
-    everything becomes 0), or *mixed*, computed on the gathered mixed neurons only. There
-    D_j' is max(D_j, −c) where c_0 ≥ 0 and max(D_j + c, 0) where c_0 < 0, with c the reference
-    rounded to D's precision: exact except where the result depends on that rounding, which
-    happens only when |c_0| ≤ (1 + 3u)·max_j|D_j| = (1 + 3u)·m, so the error is below 4u·m.
-    Segment s keeps its radius unless it is off on both its nodes, and gains the chord gap
-    |a|·b / (|a| + b) where its node values a, b differ in sign; a radius shared by a group of
-    segments (``group``: segment → radius row) takes the largest over them.
+    Returns the deviations ReLU(c_0 + D_j) − ReLU(c_0), the new radii, the bound m of the
+    new deviations and the count of mixed neurons. Per neuron: *on* (every node ≥ every
+    radius: the ReLU is the identity on the whole sub-box, nothing changes), *off* (every
+    node + radius ≤ 0: everything becomes 0), or *mixed*, computed on the gathered mixed
+    neurons only. There D_j' is max(D_j, −c) where c_0 ≥ 0 and max(D_j + c, 0) where c_0 < 0,
+    with c the reference rounded to D's precision: exact except where the result depends on
+    that rounding, which happens only when |c_0| ≤ (1 + 3u)·max_j|D_j| = (1 + 3u)·m, so the
+    error is below 4u·m. Segment s keeps its radius unless it is off on both its nodes, and
+    gains the chord gap |a|·b / (|a| + b) where its node values a, b differ in sign; a radius
+    shared by a group of segments (``group``: segment → radius row) takes the largest over
+    them.
     """
     g, n_r = d.shape[0], r.shape[0]
     d2, r2 = d.reshape(g, -1), r.reshape(n_r, -1)
@@ -190,8 +188,7 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
             1.0 + 4.0 * gamma(20, unit)).add_(TINY))
     # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is not off.
     m_new = m.masked_fill_(off, 0.0).view(1, *d.shape[1:])
-    return (torch.relu(v0), d_new.view(d.shape), r_new.view(r.shape), m_new,
-            int(mixed.numel()))
+    return d_new.view(d.shape), r_new.view(r.shape), m_new, int(mixed.numel())
 
 
 def _group_reduce(src: torch.Tensor, group: torch.Tensor, n: int, how: str) -> torch.Tensor:
@@ -224,9 +221,20 @@ def evaluation_points(nodes: torch.Tensor, values: torch.Tensor, weights: torch.
     return points, index
 
 
+def reference_unclipped(points: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
+                        axis: int) -> bool:
+    """Whether the reference node (the lowest τ, the highest κ) of ``points`` clips nothing.
+
+    Its network input is then the image's own (:func:`level_logits` can reuse its trace).
+    """
+    v_min, v_max = present_range(values, weights)
+    return float(points[0]) <= v_min if axis == TAU else float(points[-1]) >= v_max
+
+
 def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                  group: torch.Tensor | None = None, precision: str = 'float32',
-                 deadline: float | None = None) -> tuple | None:
+                 deadline: float | None = None,
+                 nominal: list[torch.Tensor] | tuple | None = None) -> tuple | None:
     """Heatmap logits at the ``points`` (distinct, ascending) and each segment's radius.
 
     ``group`` (G' − 1,) maps each segment to its radius row, contiguous and from 0 (None: one
@@ -235,37 +243,53 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     segment, count of mixed neurons), or None when a deviation overflowed (the caller bounds
     the sub-box another way). ``precision``: the deviations' dtype ('float32' needs
     :func:`~usn_perception.bounds.rounding.float32_problem` to have found nothing).
+
+    The reference node (float64) is the point that clips least: the lowest τ, the highest κ.
+    Where it clips nothing its input is the image's own network input, and ``nominal``, the
+    module outputs of that input (:func:`~usn_perception.bounds.layers.module_outputs`, e.g.
+    ``Detector.run(..., trace=True).trace``), saves running it again.
     """
     dtype, unit = (torch.float32, U32) if precision == 'float32' else (torch.float64, U64)
-    v0, diff = _nodal_inputs(enc, points, axis)
     if group is None:
         group = torch.arange(points.shape[0] - 1)
+    flip = axis == KAPPA  # nodes from the reference on; rows stay contiguous from 0
+    if flip:
+        points = points.flip(0)
+        group = int(group[-1]) - group.flip(0)
+    v0, diff = _nodal_inputs(enc, points, axis)
     group = group.to(v0.device)
+    unclipped = reference_unclipped(points.flip(0) if flip else points, enc.values,
+                                    enc.value_weights, axis)
+    refs = net.op_values(nominal) if nominal is not None and unclipped else net.trace(v0)
     # Node 0 is the reference, in float64; the others are deviations D_j = c_j − c_0 rounded to
     # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
-    # the readout's logit slack like every other float64 step of the engine).
+    # the readout's logit slack like every other float64 step of the engine, and so is the
+    # difference between the module's outputs and the compiled ops').
     d = diff.to(dtype)
     r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).repeat(int(group[-1]) + 1, 1, 1, 1)
     unstable = 0
     m = None  # max_j |D_j| when the previous op provides it
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
-        for op in net.ops:
+        for i, op in enumerate(net.ops):
             if deadline is not None and time.perf_counter() > deadline:
                 raise BudgetExceeded
             if isinstance(op, LinearOp):
-                v0, d, r = _linear(op, v0, d, r, m, unit)
+                d, r = _linear(op, d, r, m, unit)
                 m = None
             elif isinstance(op, AffineOp):
-                v0, d, r = _affine(op, v0, d, r, unit)
+                d, r = _affine(op, d, r, unit)
                 m = None
             else:
-                v0, d, r, m, n = _relu(v0, d, r, group, unit)
+                d, r, m, n = _relu(refs[i - 1] if i else v0, d, r, group, unit)
                 unstable += n
     if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
         return None
-    v0 = v0.flatten(2)
+    v0 = (refs[-1] if refs else v0).flatten(2)
     logits = torch.cat([v0, v0 + d.double().flatten(2)])
-    return logits, r.double().flatten(2).index_select(0, group), unstable
+    radius = r.double().flatten(2).index_select(0, group)
+    if flip:
+        logits, radius = logits.flip(0), radius.flip(0)
+    return logits, radius, unstable
 
 
 def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.Tensor,
@@ -315,8 +339,8 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
 
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  leaves: int | None = None, *, nodes: torch.Tensor | None = None,
-                 precision: str = 'float32',
-                 deadline: float | None = None) -> tuple | None:
+                 precision: str = 'float32', deadline: float | None = None,
+                 nominal: list[torch.Tensor] | tuple | None = None) -> tuple | None:
     """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count).
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
@@ -324,7 +348,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     input) the larger radius of the evaluated segments beside its point, which bounds that
     point's own error. The result still leaves out the input's − τ: the caller adds |τ|·R.
     None when :func:`level_logits` is. ``nodes``: :func:`level_nodes` of the box, when the
-    caller has them.
+    caller has them; ``nominal``: the image's module outputs (see :func:`level_logits`).
     """
     values, weights = enc.values, enc.value_weights
     if nodes is None:
@@ -338,7 +362,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     else:
         _, group = torch.unique_consecutive(leaf_of[live], return_inverse=True)
     out = level_logits(net, enc, points, axis, group=group, precision=precision,
-                       deadline=deadline)
+                       deadline=deadline, nominal=nominal)
     if out is None:
         return None
     logits, radius, mixed = out
