@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from usn_perception.errors import ImageError
 
@@ -105,6 +106,13 @@ def resize_area(gray: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch
     t = torch.as_tensor(gray, dtype=torch.float64)
     h_in, w_in = t.shape[-2:]
     w_out, h_out = size
+    if h_in % h_out == 0 and w_in % w_out == 0 and t.ndim in (2, 3):
+        # Whole blocks (640x480 -> 128x96): every weight is 1/(fy·fx), a box average; the
+        # pooling kernel is ~7x faster than the two matrix products (same weights, the sum
+        # rounded in another order).
+        fy, fx = h_in // h_out, w_in // w_out
+        out = F.avg_pool2d(t.reshape(-1, 1, h_in, w_in), (fy, fx))
+        return out.reshape(*t.shape[:-2], h_out, w_out)
     ry = torch.from_numpy(np.array(area_weights(h_in, h_out)))
     rx = torch.from_numpy(np.array(area_weights(w_in, w_out)))
     return ry @ t @ rx.T
