@@ -161,34 +161,38 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
     reach = c.abs().add_(m).add_(r_max).mul_(8.0 * unit).add_(TINY).add_(r_max)
     on = bottom.add_(c) >= reach
     off = top.add_(c).add_(reach) <= 0
-    mixed = torch.nonzero(on.logical_or(off).logical_not_())[:, 0]
-    if mixed.numel():  # gathered before d and r are zeroed in place
-        dm, rm = d2.index_select(1, mixed), r2.index_select(1, mixed)
     keep = on.to(d.dtype)
+    mixed = torch.nonzero(on.logical_or_(off).logical_not_())[:, 0]  # ``on`` is spent here
+    n_mixed = int(mixed.numel())
+    if n_mixed:  # gathered before d, r and m are zeroed in place
+        dm, rm = d2.index_select(1, mixed), r2.index_select(1, mixed)
+        cm, mm = c.index_select(0, mixed), m.index_select(0, mixed)
     d_new = d2.mul_(keep)  # d and r are this call's own (fresh from the op before)
     r_new = r2.mul_(keep)
-    if mixed.numel():
-        cm, mm = c.index_select(0, mixed), m.index_select(0, mixed)
-        d_new.index_copy_(1, mixed, torch.where(cm >= 0, torch.maximum(dm, -cm),
-                                                (dm + cm).clamp_(min=0.0)))
-        nodes = torch.cat([cm[None], dm + cm])
+    # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is on
+    # or mixed; an off one has none.
+    m_new = m.mul_(keep)
+    if n_mixed:
+        m_new.index_copy_(0, mixed, mm)
+        d_new.index_copy_(1, mixed, torch.maximum(dm, cm.neg()).add_(cm.clamp(max=0.0)))
+        nodes = torch.cat([cm[None], dm.add_(cm)])
         a, b = nodes[:-1], nodes[1:]
-        flip = (a * b) < 0
-        gap = torch.where(flip, a.abs() * b.abs() / (a.abs() + b.abs()).clamp_(
-            min=torch.finfo(d.dtype).tiny), torch.zeros_like(a))
+        # The chord gap |a|·b / (|a| + b) where a and b differ in sign, else 0: (|ab| − ab)
+        # is 2|ab| or exactly 0.
+        ab = a * b
+        gap = (ab.abs().sub_(ab)).div_((a.abs().add_(b.abs())).clamp_(
+            min=torch.finfo(d.dtype).tiny)).mul_(0.5 + 4.0 * unit)
         r_seg = rm if n_r == a.shape[0] else rm.index_select(0, group)
-        margin = reach.index_select(0, mixed) - rm.amax(0)  # ≥ the margin (rounded up)
-        seg_off = (torch.maximum(a, b) + r_seg + margin) <= 0
-        rn = torch.where(seg_off, torch.zeros_like(r_seg), r_seg).add_(gap.mul_(1.0 + 8.0 * unit))
+        margin = reach.index_select(0, mixed).sub_(rm.amax(0))  # ≥ the margin (rounded up)
+        seg_off = torch.maximum(a, b).add_(r_seg).add_(margin) <= 0
+        rn = r_seg.masked_fill(seg_off, 0.0).add_(gap)
         if n_r == 1:
             rn = rn.amax(0, keepdim=True)
         elif n_r != a.shape[0]:
             rn = _group_reduce(rn, group, rm.shape[0], 'amax')
         r_new.index_copy_(1, mixed, (rn + mm.mul(16.0 * unit)).mul_(
             1.0 + 4.0 * gamma(20, unit)).add_(TINY))
-    # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is not off.
-    m_new = m.masked_fill_(off, 0.0).view(1, *d.shape[1:])
-    return d_new.view(d.shape), r_new.view(r.shape), m_new, int(mixed.numel())
+    return d_new.view(d.shape), r_new.view(r.shape), m_new.view(1, *d.shape[1:]), n_mixed
 
 
 def _group_reduce(src: torch.Tensor, group: torch.Tensor, n: int, how: str) -> torch.Tensor:
