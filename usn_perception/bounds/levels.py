@@ -149,9 +149,11 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
     shared by a group of segments (``group``: segment → radius row) takes the largest over
     them.
     """
-    g, n_r = d.shape[0], r.shape[0]
-    d2, r2 = d.reshape(g, -1), r.reshape(n_r, -1)
-    c = v0.reshape(-1).to(d.dtype)  # error ≤ u·|c_0|
+    n_r = r.shape[0]
+    last = _channels_last(d)  # neurons in the order of d's memory, whatever it is
+    d2, r2 = _rows(d, last), _rows(r, last)
+    c = _rows(v0.to(d.dtype, memory_format=torch.channels_last) if last else v0.to(d.dtype),
+              last)[0]  # error ≤ u·|c_0|
     top = d2.amax(0).clamp_(min=0.0)  # over all nodes, D_0 = 0 included
     bottom = d2.amin(0).clamp_(max=0.0)
     m = torch.maximum(top, bottom.neg())
@@ -192,7 +194,27 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
             rn = _group_reduce(rn, group, rm.shape[0], 'amax')
         r_new.index_copy_(1, mixed, (rn + mm.mul(16.0 * unit)).mul_(
             1.0 + 4.0 * gamma(20, unit)).add_(TINY))
-    return d_new.view(d.shape), r_new.view(r.shape), m_new.view(1, *d.shape[1:]), n_mixed
+    return (_unrows(d_new, d, last), _unrows(r_new, r, last),
+            _unrows(m_new[None], d[:1], last), n_mixed)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an image batch stored channels-last (and not also plainly contiguous)."""
+    return t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def _rows(t: torch.Tensor, last: bool) -> torch.Tensor:
+    """(n, neurons) view of ``t`` (n, …) in its memory order (H, W, C for channels-last)."""
+    return (t.permute(0, 2, 3, 1) if last else t).reshape(t.shape[0], -1)
+
+
+def _unrows(rows: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
+    """Inverse of :func:`_rows`: back to the shape (and memory order) of ``like``."""
+    if not last:
+        return rows.view(rows.shape[0], *like.shape[1:])
+    n, c, h, w = rows.shape[0], *like.shape[1:]
+    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def _group_reduce(src: torch.Tensor, group: torch.Tensor, n: int, how: str) -> torch.Tensor:
@@ -269,8 +291,11 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
     # the readout's logit slack like every other float64 step of the engine, and so is the
     # difference between the module's outputs and the compiled ops').
-    d = diff.to(dtype)
-    r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).repeat(int(group[-1]) + 1, 1, 1, 1)
+    # Channels-last images: the float32 convolutions run ~25 % faster on them (oneDNN).
+    layout = torch.channels_last if diff.ndim == 4 else torch.contiguous_format
+    d = diff.to(dtype, memory_format=layout)
+    r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).repeat(
+        int(group[-1]) + 1, 1, 1, 1).contiguous(memory_format=layout)
     unstable = 0
     m = None  # max_j |D_j| when the previous op provides it
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
