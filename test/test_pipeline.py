@@ -125,6 +125,28 @@ def test_time_limit_sizes_the_partition_from_recent_frames(detector: Detector):
     assert result.certify_stats['budget']['max_subboxes'] == 3
 
 
+def test_time_limit_also_fits_the_camera_frame_period(detector: Detector):
+    pipe = FramePipeline(detector, PipelineSettings(max_subboxes=4, budget_ms=1e4))
+    frames = _frames(3)
+    pipe.process(frames[0], 10.0)
+    assert pipe.frame_period_ms is None and pipe.other_ms > 0.0  # one stamp: no period yet
+    pipe.process(frames[1], 10.0 + 1 / 30)
+    assert pipe.frame_period_ms == pytest.approx(1000 / 30)
+    pipe.process(frames[2], 15.0)  # a pause is not a frame period
+    assert pipe.frame_period_ms == pytest.approx(1000 / 30)
+    pipe.ms_per_subbox, pipe.other_ms = 10.0, 5.0
+    assert pipe.subboxes_for_next_frame() == 2  # (33.3 - 5) / 10 ms, not 1e4 / 10
+    pipe.frame_period_ms = 1000.0
+    assert pipe.subboxes_for_next_frame() == 4
+    pipe.frame_period_ms = 3.0  # the period leaves nothing: still the smallest pass
+    assert pipe.subboxes_for_next_frame() == 1
+    pipe.reset()
+    assert pipe.frame_period_ms is None
+    plain = FramePipeline(detector, PipelineSettings(max_subboxes=4))  # replays: no clock
+    plain.frame_period_ms, plain.other_ms, plain.ms_per_subbox = 33.0, 30.0, 1e3
+    assert plain.subboxes_for_next_frame() == 4
+
+
 def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     pipe = FramePipeline(detector, FAST)
     pipe.process(_frames(1)[0], 0.0)

@@ -149,6 +149,12 @@ class FramePipeline:
         #: Smoothed certification milliseconds per sub-box of the recent frames (None: none
         #: measured yet); drives the sub-box count under a time limit.
         self.ms_per_subbox: float | None = None
+        #: Smoothed stamp interval between frames (ms) and the frame's milliseconds outside
+        #: certification (None: not measured yet): under a time limit the certificate is also
+        #: sized to what the camera's frame period leaves.
+        self.frame_period_ms: float | None = None
+        self.other_ms: float | None = None
+        self._last_stamp: float | None = None
 
     @property
     def settings(self) -> PipelineSettings:
@@ -163,29 +169,46 @@ class FramePipeline:
         return new
 
     def reset(self) -> None:
-        """Forget the interval window (a new sequence starts)."""
+        """Forget the interval window and the frame period (a new sequence starts)."""
         self.interval.reset()
+        self.frame_period_ms = None
+        self._last_stamp = None
 
     def subboxes_for_next_frame(self) -> int:
         """How many θ sub-boxes the next frame's certificate gets.
 
         Without a time limit, ``max_subboxes`` (deterministic). With one, the most that fit
-        ``budget_ms`` at the recent cost per sub-box (overhead included, so it errs low),
-        between 1 and ``max_subboxes``: the first pass bounds every leaf of the partition at
-        once and is lost whole when it misses the deadline, so it must be sized to fit.
+        at the recent cost per sub-box (overhead included, so it errs low), between 1 and
+        ``max_subboxes``: the first pass bounds every leaf of the partition at once and is
+        lost whole when it misses the deadline, so it must be sized to fit. What must fit is
+        ``budget_ms`` and, once the stamps show the camera's frame period, that period less
+        the frame's other stages: more sub-boxes than the period leaves would make every
+        frame wait for the one before (``budget_ms`` stays the hard cap of one frame).
         """
         s = self._settings
         if s.budget_ms is None:
             return s.max_subboxes
         if self.ms_per_subbox is None:
             return 1
-        return int(max(1, min(s.max_subboxes, math.floor(s.budget_ms / self.ms_per_subbox))))
+        plan_ms = s.budget_ms
+        if self.frame_period_ms is not None and self.other_ms is not None:
+            plan_ms = min(plan_ms, self.frame_period_ms - self.other_ms)
+        return int(max(1, min(s.max_subboxes, math.floor(plan_ms / self.ms_per_subbox))))
 
     def _learn_cost(self, subboxes: int, ms: float) -> None:
         """Fold one certificate's cost into :attr:`ms_per_subbox` (exponential average)."""
-        sample = ms / max(1, subboxes)
-        old = self.ms_per_subbox
-        self.ms_per_subbox = sample if old is None else 0.7 * old + 0.3 * sample
+        self.ms_per_subbox = _smooth(self.ms_per_subbox, ms / max(1, subboxes))
+
+    def _learn_period(self, stamp: float, other_ms: float) -> None:
+        """Fold the stamp interval and the non-certification time into their averages.
+
+        Intervals that are not positive or longer than a second (a replay restarting, a
+        paused stream) are not a frame period and are left out.
+        """
+        last, self._last_stamp = self._last_stamp, float(stamp)
+        self.other_ms = _smooth(self.other_ms, other_ms)
+        if last is not None and 0.0 < stamp - last <= 1.0:
+            self.frame_period_ms = _smooth(self.frame_period_ms, (stamp - last) * 1e3)
 
     def precision_in_use(self) -> str:
         """'float32' or 'float64': what ``precision`` means on the detector's device.
@@ -259,8 +282,14 @@ class FramePipeline:
             status[wanted] = cert.status[wanted]
             stats = cert.stats
         t3 = time.perf_counter()
+        self._learn_period(stamp, (t2 - t0) * 1e3)
         timings = {'infer': (t1 - t0) * 1e3, 'interval': (t2 - t1) * 1e3,
                    'certify': (t3 - t2) * 1e3, 'total': (t3 - t0) * 1e3}
         return FrameResult(float(stamp), tuple(np.shape(image)), pred.keypoints,
                            pred.scores.astype(np.float64), boxes, status, estimate, timings,
                            stats)
+
+
+def _smooth(old: float | None, sample: float) -> float:
+    """Exponential average of per-frame measurements (the first sample starts it)."""
+    return sample if old is None else 0.7 * old + 0.3 * sample
