@@ -427,8 +427,10 @@ def certify_keypoints(
         if nominal_heatmaps is not None or nominal_trace is not None:
             raise ValueError('nominal_heatmaps and nominal_trace need the nominal keypoints '
                              'they read')
-        # validates the image too
-        pred = detector.run(image, readout=readout, trace=level_nodes > 0)
+        # validates the image too; the trace only where level nodes may use it (it holds
+        # every layer's output for as long as the certificate runs)
+        pred = detector.run(image, readout=readout, trace=level_nodes > 0 and (
+            budget.max_subboxes <= LEVEL_MAX_SUBBOXES))
         nominal, nominal_heatmaps, nominal_trace = pred.keypoints, pred.heatmaps, pred.trace
     else:
         nominal = np.asarray(nominal, dtype=np.float64)

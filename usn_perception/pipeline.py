@@ -21,6 +21,7 @@ import numpy as np
 from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
 from usn_perception.certify import (
     EXACT_VALUES,
+    LEVEL_MAX_SUBBOXES,
     LEVEL_NODES,
     METHODS,
     Budget,
@@ -258,7 +259,8 @@ class FramePipeline:
         s = self._settings
         t0 = time.perf_counter()
         # validates the whole frame; the trace lets the level nodes skip one network run
-        pred = self.detector.run(image, readout=s.readout, trace=s.certify and s.level_nodes > 0)
+        pred = self.detector.run(image, readout=s.readout, trace=s.certify and s.level_nodes > 0
+                                 and self.subboxes_for_next_frame() <= LEVEL_MAX_SUBBOXES)
         t1 = time.perf_counter()
         estimate = self.interval.update(image, stamp)
         t2 = time.perf_counter()
