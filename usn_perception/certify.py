@@ -92,6 +92,15 @@ LEVEL_NODES = 64
 LEVEL_MAX_SUBBOXES = 8
 
 
+def levels_possible(budget: Budget, level_nodes: int) -> bool:
+    """Whether a certificate with this budget may use level nodes at all.
+
+    Callers ask ``Detector.run`` for its layer outputs (which level nodes reuse) only then:
+    the trace holds every layer's output for as long as the certificate runs.
+    """
+    return level_nodes > 0 and budget.max_subboxes <= LEVEL_MAX_SUBBOXES
+
+
 #: The readout bound of each readout: (centre forms, radius, sub-boxes, cell grid) -> boxes.
 READOUT_BOUNDS = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
                   'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}
@@ -304,7 +313,7 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
 
     ``tau_ok``: the |τ|·R bound the nodes need (and free sub-boxes) is negligible.
     """
-    if not tau_ok or budget.max_subboxes > LEVEL_MAX_SUBBOXES:
+    if not tau_ok or not levels_possible(budget, max_nodes):
         return None
     axis = level_axis(root[0], enc.values, enc.value_weights)
     if axis is None:
@@ -427,10 +436,8 @@ def certify_keypoints(
         if nominal_heatmaps is not None or nominal_trace is not None:
             raise ValueError('nominal_heatmaps and nominal_trace need the nominal keypoints '
                              'they read')
-        # validates the image too; the trace only where level nodes may use it (it holds
-        # every layer's output for as long as the certificate runs)
-        pred = detector.run(image, readout=readout, trace=level_nodes > 0 and (
-            budget.max_subboxes <= LEVEL_MAX_SUBBOXES))
+        # validates the image too
+        pred = detector.run(image, readout=readout, trace=levels_possible(budget, level_nodes))
         nominal, nominal_heatmaps, nominal_trace = pred.keypoints, pred.heatmaps, pred.trace
     else:
         nominal = np.asarray(nominal, dtype=np.float64)

@@ -21,12 +21,12 @@ import numpy as np
 from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
 from usn_perception.certify import (
     EXACT_VALUES,
-    LEVEL_MAX_SUBBOXES,
     LEVEL_NODES,
     METHODS,
     Budget,
     CertStatus,
     certify_keypoints,
+    levels_possible,
 )
 from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
 from usn_perception.network import READOUTS
@@ -258,9 +258,10 @@ class FramePipeline:
         """
         s = self._settings
         t0 = time.perf_counter()
+        n = self.subboxes_for_next_frame()
         # validates the whole frame; the trace lets the level nodes skip one network run
-        pred = self.detector.run(image, readout=s.readout, trace=s.certify and s.level_nodes > 0
-                                 and self.subboxes_for_next_frame() <= LEVEL_MAX_SUBBOXES)
+        pred = self.detector.run(image, readout=s.readout, trace=s.certify and levels_possible(
+            Budget(max_subboxes=n), s.level_nodes))
         t1 = time.perf_counter()
         estimate = self.interval.update(image, stamp)
         t2 = time.perf_counter()
@@ -270,7 +271,6 @@ class FramePipeline:
         stats: dict = {}
         wanted = pred.scores >= s.score_threshold
         if s.certify and wanted.any():
-            n = self.subboxes_for_next_frame()
             cert = certify_keypoints(self.detector, image, estimate.as_box(), readout=s.readout,
                                      method=s.method,
                                      budget=Budget(max_subboxes=n, max_ms=s.budget_ms),

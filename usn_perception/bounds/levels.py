@@ -278,15 +278,15 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     dtype, unit = (torch.float32, U32) if precision == 'float32' else (torch.float64, U64)
     if group is None:
         group = torch.arange(points.shape[0] - 1)
+    reuse = nominal is not None and reference_unclipped(points, enc.values, enc.value_weights,
+                                                        axis)
     flip = axis == KAPPA  # nodes from the reference on; rows stay contiguous from 0
     if flip:
         points = points.flip(0)
         group = int(group[-1]) - group.flip(0)
     v0, diff = _nodal_inputs(enc, points, axis)
     group = group.to(v0.device)
-    unclipped = reference_unclipped(points.flip(0) if flip else points, enc.values,
-                                    enc.value_weights, axis)
-    refs = net.op_values(nominal) if nominal is not None and unclipped else net.trace(v0)
+    refs = net.op_values(nominal) if reuse else net.trace(v0)
     # Node 0 is the reference, in float64; the others are deviations D_j = c_j − c_0 rounded to
     # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
     # the readout's logit slack like every other float64 step of the engine, and so is the
