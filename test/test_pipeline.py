@@ -147,6 +147,26 @@ def test_time_limit_also_fits_the_camera_frame_period(detector: Detector):
     assert plain.subboxes_for_next_frame() == 4
 
 
+def test_reported_arrivals_give_the_camera_period_not_the_processing_one(detector: Detector):
+    # A node that keeps only the newest frame processes every other one of a 30 Hz stream
+    # when a frame takes two periods: the period must stay the camera's 33 ms, or the next
+    # frames would be planned to fill 67 ms and fall further behind.
+    pipe = FramePipeline(detector, PipelineSettings(max_subboxes=4, budget_ms=1e4))
+    frames = _frames(4)
+    for i in range(8):
+        pipe.note_arrival(20.0 + i / 30)
+        if i % 2:
+            pipe.process(frames[i // 2], 20.0 + i / 30)
+    assert pipe.frame_period_ms == pytest.approx(1000 / 30)
+    pipe.note_arrival(20.0 + 3 / 30)  # an older stamp (a replay restarting): not a period
+    pipe.note_arrival(20.0 + 4 / 30)
+    assert pipe.frame_period_ms == pytest.approx(1000 / 30)
+    alone = FramePipeline(detector, PipelineSettings(max_subboxes=4, budget_ms=1e4))
+    for i in (1, 3, 5):  # no reports: what it processes is all it knows
+        alone.process(frames[0], 20.0 + i / 30)
+    assert alone.frame_period_ms == pytest.approx(2000 / 30)
+
+
 def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     pipe = FramePipeline(detector, FAST)
     pipe.process(_frames(1)[0], 0.0)

@@ -194,6 +194,26 @@ def test_frames_in_keypoints_out_with_headers_bounds_and_info(harness):
     assert doc['fields']['u_lo'] == '<f8'
 
 
+def test_the_frame_period_is_the_streams_even_when_frames_are_dropped(harness):
+    # Frames stamped 33 ms apart arrive every 10 ms, faster than they are processed: the node
+    # keeps the newest and drops the rest, yet the period it sizes certificates to is the
+    # camera's (the stamps'), not the interval between the frames it got to process.
+    h = harness(**{'certify.max_subboxes': 4}).start()
+    clouds = h.listen(PointCloud2, f'{NS}/keypoints')
+    pub = h.probe.create_publisher(Image, 'image', RELIABLE)
+    big = (np.random.default_rng(1).random((240, 320)) * 255).astype(np.uint8)
+
+    def send() -> None:
+        i = h.sent
+        msg = h.image(big)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = 500 + i // 30, (i % 30) * 33_333_333
+        pub.publish(msg)
+
+    assert h.spin_until(lambda: len(clouds) >= 3 and h.node.stats.counts['dropped'] > 0,
+                        each=send, period=0.01)
+    assert h.node.pipeline.frame_period_ms == pytest.approx(1000 / 30, rel=1e-6)
+
+
 def test_reliable_and_best_effort_publishers_are_both_received(harness):
     h = harness().start()
     clouds = h.listen(PointCloud2, f'{NS}/keypoints')

@@ -156,6 +156,9 @@ class FramePipeline:
         self.frame_period_ms: float | None = None
         self.other_ms: float | None = None
         self._last_stamp: float | None = None
+        # True once a caller reports every arriving frame (note_arrival): the period is then
+        # learned from the stream, not from the frames this pipeline got to process.
+        self._arrivals_noted = False
 
     @property
     def settings(self) -> PipelineSettings:
@@ -200,14 +203,25 @@ class FramePipeline:
         """Fold one certificate's cost into :attr:`ms_per_subbox` (exponential average)."""
         self.ms_per_subbox = _smooth(self.ms_per_subbox, ms / max(1, subboxes))
 
-    def _learn_period(self, stamp: float, other_ms: float) -> None:
-        """Fold the stamp interval and the non-certification time into their averages.
+    def note_arrival(self, stamp: float) -> None:
+        """A frame of the stream arrived (processed later, or dropped for a newer one).
+
+        A caller that drops frames (the node keeps only the newest) reports every arrival
+        here, so that the frame period is the camera's: learned from the processed frames
+        alone it would be the processing interval, and a frame that overran would make the
+        next ones plan even more work. Without such reports :meth:`process` learns the period
+        from its own frames, as a replay that processes every frame should.
+        """
+        self._arrivals_noted = True
+        self._learn_period(stamp)
+
+    def _learn_period(self, stamp: float) -> None:
+        """Fold one stamp interval into :attr:`frame_period_ms`.
 
         Intervals that are not positive or longer than a second (a replay restarting, a
         paused stream) are not a frame period and are left out.
         """
         last, self._last_stamp = self._last_stamp, float(stamp)
-        self.other_ms = _smooth(self.other_ms, other_ms)
         if last is not None and 0.0 < stamp - last <= 1.0:
             self.frame_period_ms = _smooth(self.frame_period_ms, (stamp - last) * 1e3)
 
@@ -284,7 +298,9 @@ class FramePipeline:
             status[wanted] = cert.status[wanted]
             stats = cert.stats
         t3 = time.perf_counter()
-        self._learn_period(stamp, (t2 - t0) * 1e3)
+        self.other_ms = _smooth(self.other_ms, (t2 - t0) * 1e3)
+        if not self._arrivals_noted:
+            self._learn_period(stamp)
         timings = {'infer': (t1 - t0) * 1e3, 'interval': (t2 - t1) * 1e3,
                    'certify': (t3 - t2) * 1e3, 'total': (t3 - t0) * 1e3}
         return FrameResult(float(stamp), tuple(np.shape(image)), pred.keypoints,

@@ -362,6 +362,9 @@ class UsnPerceptionNode(LifecycleNode):
         self.stats.arrived()
         if not self.get_parameter('enabled').value:
             return
+        pipeline, stamp = self.pipeline, _stamp_seconds(msg.header.stamp)
+        if pipeline is not None and stamp != 0.0:  # the camera's period, dropped frames too
+            pipeline.note_arrival(stamp)
         with self._cond:
             if self._pending is not None:
                 self.stats.count('dropped')
