@@ -3,8 +3,8 @@
 Starts ``usn_perception.ros.node`` as a separate process with the package's parameter file,
 publishes WxH mono8 frames at a fixed rate on loopback DDS, and reports: the fraction of frames
 that got a ``~/keypoints`` message, the fraction of keypoints certified, the publish → receipt
-latency (p50/p95), the node's CPU use, and its RSS curve. Source ``env.sh`` first (loopback
-DDS); the script refuses to run otherwise.
+latency (p50/p95), the node's CPU use and RSS curve (its worker processes included). Source
+``env.sh`` first (loopback DDS); the script refuses to run otherwise.
 
     python bench/bench_node.py --model models/default --seconds 20 --rate 30 --size 640x480
     python bench/bench_node.py --frames 10000 --rss-csv rss.csv --rss-png rss.png   # memory run
@@ -37,12 +37,31 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the node's worker processes), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f'/proc/{p}/task').glob('*/children'):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
 def _proc_sample(pid: int) -> tuple[float, int]:
-    """(CPU seconds used, RSS bytes) of a process, from /proc."""
-    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    """(CPU seconds used, RSS bytes) of a process and its descendants, from /proc."""
     ticks = os.sysconf('SC_CLK_TCK')
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    rss = int(fields[21]) * os.sysconf('SC_PAGE_SIZE')
+    cpu, rss = 0.0, 0
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f'/proc/{p}/stat').read_text().rsplit(')', 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / ticks
+        rss += int(fields[21]) * os.sysconf('SC_PAGE_SIZE')
     return cpu, rss
 
 

@@ -58,7 +58,7 @@ BEST_EFFORT = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
 # The tiny random model's sound boxes are wide: the protocol tests report them CERTIFIED (no
 # width limit); test_wide_boxes_are_not_certified_by_default checks the shipped limit.
 FAST = {'certify.max_subboxes': 1, 'certify.budget_ms': 0.0, 'certify.max_width_px': 0.0,
-        'diagnostics_period_s': 0.5}
+        'diagnostics_period_s': 0.5, 'workers': 1}
 
 
 def _frame(seed: int = 0) -> np.ndarray:
@@ -212,6 +212,39 @@ def test_the_frame_period_is_the_streams_even_when_frames_are_dropped(harness):
     assert h.spin_until(lambda: len(clouds) >= 3 and h.node.stats.counts['dropped'] > 0,
                         each=send, period=0.01)
     assert h.node.pipeline.frame_period_ms == pytest.approx(1000 / 30, rel=1e-6)
+
+
+def test_worker_processes_publish_every_frame_in_order_with_its_header(harness):
+    """``workers`` 2: frames certified in two processes, published in arrival order."""
+    h = harness(workers=2, **{'certify.max_subboxes': 2}).start()
+    assert h.node.pool is not None and h.node.pool.processes == 2
+    clouds = h.listen(PointCloud2, f'{NS}/keypoints')
+    pub = h.probe.create_publisher(Image, 'image', RELIABLE)
+    sent: list[Image] = []
+
+    def send() -> None:
+        sent.append(h.image())
+        pub.publish(sent[-1])
+
+    assert h.spin_until(lambda: len(clouds) >= 8, each=send, period=0.01, timeout=60.0)
+    assert _headers(clouds) <= _headers(sent)
+    secs = [m.header.stamp.sec for m in clouds]
+    assert secs == sorted(secs) and len(set(secs)) == len(secs)  # in order, once each
+    for msg in clouds:
+        dec = decode_keypoints(msg)
+        ok = dec.certified
+        b, p = dec.boxes[ok].astype(np.float32), dec.keypoints[ok].astype(np.float32)
+        assert ((b[:, 0] <= p[:, 0]) & (p[:, 0] <= b[:, 1])
+                & (b[:, 2] <= p[:, 1]) & (p[:, 1] <= b[:, 3])).all()
+    # A runtime change reaches the workers: uncertified keypoints from then on.
+    assert h.node.set_parameters([Parameter('certify.enabled', value=False)])[0].successful
+    before = len(clouds)
+    assert h.spin_until(lambda: len(clouds) >= before + 6, each=send, period=0.01)
+    assert (decode_keypoints(clouds[-1]).status == 3).all()  # SKIPPED
+    assert h.node.stats.counts['errors'] == 0
+    assert h.node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert h.node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert h.node.pool is None
 
 
 def test_reliable_and_best_effort_publishers_are_both_received(harness):

@@ -30,6 +30,7 @@ from usn_perception.certify import (
 )
 from usn_perception.interval import IntervalEstimate, IntervalEstimator, IntervalSettings
 from usn_perception.network import READOUTS
+from usn_perception.preprocess import check_image
 
 PIXEL_CONVENTION = ('image pixels; the centre of the top-left pixel is (0, 0), x right, '
                     'y down')
@@ -264,11 +265,25 @@ class FramePipeline:
             'perturbation': "x' = clip(alpha * x + beta, 0, 1), x in [0, 1]",
         }
 
-    def process(self, image: np.ndarray, stamp: float) -> FrameResult:
+    def measure(self, image: np.ndarray, stamp: float) -> IntervalEstimate:
+        """Validate ``image`` and fold it into the interval window: Θ relative to it.
+
+        :meth:`process` does this itself; a caller that runs frames in several processes
+        measures them here, in order, and hands each its Θ (``process(..., interval=...)``).
+        Raises :class:`~usn_perception.errors.ImageError` on a bad frame (the window is
+        left alone).
+        """
+        check_image(image)
+        return self.interval.update(image, stamp)
+
+    def process(self, image: np.ndarray, stamp: float, *,
+                interval: IntervalEstimate | None = None) -> FrameResult:
         """Run one frame (HxW or HxWx3 RGB; uint8, uint16 or float in [0, 1]).
 
-        Raises :class:`~usn_perception.errors.ImageError` on a bad frame (nothing is kept
-        from it), and whatever the certifier raises on an internal failure.
+        ``interval``: Θ already measured for this frame (:meth:`measure`, possibly by
+        another pipeline); None measures it here. Raises
+        :class:`~usn_perception.errors.ImageError` on a bad frame (nothing is kept from it),
+        and whatever the certifier raises on an internal failure.
         """
         s = self._settings
         t0 = time.perf_counter()
@@ -277,7 +292,7 @@ class FramePipeline:
         pred = self.detector.run(image, readout=s.readout, trace=s.certify and levels_possible(
             Budget(max_subboxes=n), s.level_nodes))
         t1 = time.perf_counter()
-        estimate = self.interval.update(image, stamp)
+        estimate = self.interval.update(image, stamp) if interval is None else interval
         t2 = time.perf_counter()
         k = pred.keypoints.shape[0]
         boxes = np.full((k, 4), np.nan)

@@ -116,7 +116,8 @@ def spawn_node(params: dict[str, Any], image_remap: str, publish_topic: str, nam
     """
     args = [sys.executable, '-m', 'usn_perception.ros.node', '--ros-args',
             '-r', f'__node:={name}', '-r', f'image:={image_remap}']
-    params = {**params, 'num_threads': 1,
+    # One frame at a time in lockstep: worker processes would only add their start-up.
+    params = {**params, 'num_threads': 1, 'workers': 1,
               f'qos_overrides.{publish_topic}.subscription.reliability': 'reliable'}
     if publish_topic != image_remap:
         params['input_transport'] = 'compressed'

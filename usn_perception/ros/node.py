@@ -2,9 +2,11 @@
 
 A lifecycle node that autostarts (parameter ``autostart``), so ``usn_perception_node`` works
 without a lifecycle manager. ``on_configure`` loads the model and builds the
-:class:`~usn_perception.pipeline.FramePipeline`; ``on_activate`` subscribes. The image
-callback only stores the newest message (an overwritten one counts as dropped); a worker
-thread decodes, runs the pipeline and publishes, so the executor never blocks on inference.
+:class:`~usn_perception.pipeline.FramePipeline` (and, with ``workers`` > 1, starts that many
+worker processes, :mod:`usn_perception.workers`); ``on_activate`` subscribes. The image
+callback only stores the newest message (an overwritten one counts as dropped); a thread
+decodes it and runs the pipeline (or measures its Θ and hands it to an idle worker, a second
+thread publishing the results in arrival order), so the executor never blocks on inference.
 A bad message (encoding, size, NaN, undecodable) or a failing frame is warned about
 (throttled), counted in ``/diagnostics`` and skipped: the node never dies on a message.
 
@@ -21,6 +23,7 @@ import copy
 import json
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +61,7 @@ from usn_perception.ros.conversions import compressed_to_numpy, image_to_numpy, 
 from usn_perception.ros.diagnostics import NodeStats
 from usn_perception.ros.photometric import interval_to_polygon
 from usn_perception.ros.pointcloud import KEYPOINT_DTYPE, pack_keypoints
+from usn_perception.workers import Outcome, WorkerPool
 
 NODE_NAME = 'usn_perception'
 TRANSPORTS = ('raw', 'compressed')
@@ -96,6 +100,9 @@ PARAMETERS: dict[str, Param] = {
                              read_only=True, choices=TRANSPORTS),
     'num_threads': Param(1, 'torch CPU threads (0 = torch default); 1 avoids thread '
                             'contention on shared CPUs', read_only=True, range=(0, 256)),
+    'workers': Param(2, 'frames certified at once, each in its own process with its own copy '
+                        'of the model (1 = one at a time, in this process)', read_only=True,
+                     range=(1, 16)),
     'autostart': Param(True, 'configure and activate at start (no lifecycle manager needed)',
                        read_only=True),
     'diagnostics_period_s': Param(1.0, 'period of /diagnostics', read_only=True,
@@ -197,6 +204,21 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         interval=interval)
 
 
+@dataclass
+class _InFlight:
+    """A frame handed to the worker pool, waiting to be published in arrival order."""
+
+    msg: Any
+    frame: np.ndarray
+    arrived: float
+    timings: dict
+    started: float
+    interval_ms: float = 0.0
+    ticket: int | None = None
+    outcome: Outcome | None = None
+    done_at: float = 0.0
+
+
 def _stamp_seconds(stamp) -> float:
     return float(stamp.sec) + float(stamp.nanosec) * 1e-9
 
@@ -215,6 +237,9 @@ class UsnPerceptionNode(LifecycleNode):
         self.stats = NodeStats()
         self.stats.info['state'] = 'unconfigured'
         self.pipeline: FramePipeline | None = None
+        self.pool: WorkerPool | None = None  # with ``workers`` > 1
+        self._inflight: deque[list] = deque()  # frames in the pool, in arrival order
+        self._collector: threading.Thread | None = None
         self._subscription = None
         self._pubs: dict[str, Any] = {}
         self._cond = threading.Condition()
@@ -248,7 +273,9 @@ class UsnPerceptionNode(LifecycleNode):
     def _apply_parameters(self, params: list[Parameter]) -> None:
         if self.pipeline is None or not any(p.name in PARAMETERS for p in params):
             return
-        self.pipeline.configure(settings_from(self._values()))
+        settings = self.pipeline.configure(settings_from(self._values()))
+        if self.pool is not None:
+            self.pool.configure(settings)
         self.get_logger().info('parameters applied: ' + ', '.join(
             f'{p.name}={p.value}' for p in params))
         self.publish_info()
@@ -268,13 +295,21 @@ class UsnPerceptionNode(LifecycleNode):
             detector = load_detector(values['model_path'] or None, device=device)
             self.pipeline = FramePipeline(detector, settings_from(values))
             self.pipeline.precision_in_use()  # refuses 'float32' where it is not sound
+            if values['workers'] > 1:
+                self.pool = WorkerPool(str(detector.source), processes=int(values['workers']),
+                                       settings=self.pipeline.settings, device=device,
+                                       num_threads=int(values['num_threads']),
+                                       sha256=detector.sha256)
+                self.pool.wait_ready()
         except Exception as exc:  # noqa: BLE001 - any load failure must be reported, not raised
+            self._close_pool()
+            self.pipeline = None
             self.stats.error = f'configure failed: {exc}'
             self.get_logger().fatal(self.stats.error)
             return TransitionCallbackReturn.FAILURE
         self.stats.error = None
         self.stats.info.update(model_sha256=str(detector.sha256), device=device,
-                               model=str(detector.source))
+                               model=str(detector.source), workers=str(values['workers']))
         self._pubs = {
             'keypoints': self.create_lifecycle_publisher(
                 PointCloud2, '~/keypoints', copy.copy(OUTPUT_QOS),
@@ -306,6 +341,10 @@ class UsnPerceptionNode(LifecycleNode):
         self._worker = threading.Thread(target=self._work, name='usn_perception_worker',
                                         daemon=True)
         self._worker.start()
+        if self.pool is not None:
+            self._collector = threading.Thread(target=self._collect,
+                                               name='usn_perception_collector', daemon=True)
+            self._collector.start()
         result = super().on_activate(state)
         self.publish_info()
         self.stats.info.update(state='active', input=self._subscription.topic_name,
@@ -345,7 +384,13 @@ class UsnPerceptionNode(LifecycleNode):
             else:
                 self.destroy_lifecycle_publisher(pub)
         self._pubs = {}
+        self._close_pool()
         self.pipeline = None
+
+    def _close_pool(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
 
     def destroy_node(self) -> None:
         """Stop the worker thread before the node's entities go away."""
@@ -365,6 +410,9 @@ class UsnPerceptionNode(LifecycleNode):
         pipeline, stamp = self.pipeline, _stamp_seconds(msg.header.stamp)
         if pipeline is not None and stamp != 0.0:  # the camera's period, dropped frames too
             pipeline.note_arrival(stamp)
+            pool = self.pool
+            if pool is not None:
+                pool.note_arrival(stamp)
         with self._cond:
             if self._pending is not None:
                 self.stats.count('dropped')
@@ -387,28 +435,38 @@ class UsnPerceptionNode(LifecycleNode):
             self._stop = True
             self._pending = None
             self._cond.notify_all()
-        worker, self._worker = self._worker, None
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=30.0)
+        for name in ('_worker', '_collector'):
+            thread = getattr(self, name)
+            setattr(self, name, None)
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=30.0)
+        with self._cond:
+            self._inflight.clear()  # their outcomes, if any still come, are ignored
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while self._pending is None and not self._stop:
+                while not self._stop and (self._pending is None or (
+                        self.pool is not None and not self.pool.idle())):
                     self._cond.wait()
                 if self._stop:
                     return
                 msg, arrived = self._pending
                 self._pending = None
             try:
-                self.process_message(msg, arrived)
+                if self.pool is None:
+                    self.process_message(msg, arrived)
+                else:
+                    self._dispatch(msg, arrived)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any frame
                 if self._stop or not self.context.ok():
                     return  # shutting down (e.g. SIGTERM): publishing fails, say nothing
-                self.stats.count('errors')
-                self.stats.problem(f'{type(exc).__name__}: {exc}')
-                self.get_logger().error(f'frame failed: {type(exc).__name__}: {exc}',
-                                        throttle_duration_sec=WARN_EVERY_S)
+                self._failed(f'{type(exc).__name__}: {exc}')
+
+    def _failed(self, why: str) -> None:
+        self.stats.count('errors')
+        self.stats.problem(why)
+        self.get_logger().error(f'frame failed: {why}', throttle_duration_sec=WARN_EVERY_S)
 
     # -------------------------------------------------------------- processing
     def _skip(self, why: str) -> None:
@@ -416,13 +474,8 @@ class UsnPerceptionNode(LifecycleNode):
         self.stats.problem(why)
         self.get_logger().warning(f'skipping frame: {why}', throttle_duration_sec=WARN_EVERY_S)
 
-    def process_message(self, msg: Any, arrived: float | None = None) -> FrameResult | None:
-        """Decode, run and publish one message; None when it was skipped."""
-        pipeline = self.pipeline
-        if pipeline is None:
-            return None
-        t0 = time.perf_counter()
-        arrived = t0 if arrived is None else arrived
+    def _decode(self, msg: Any) -> tuple[np.ndarray, float] | None:
+        """The frame and its stamp (seconds; the clock's when unstamped), None if skipped."""
         try:
             if isinstance(msg, CompressedImage):
                 self._encoding = f'compressed/{msg.format}'
@@ -433,22 +486,107 @@ class UsnPerceptionNode(LifecycleNode):
         except (ImageError, ValueError, TypeError) as exc:
             self._skip(str(exc))
             return None
-        t1 = time.perf_counter()
         stamp = _stamp_seconds(msg.header.stamp)
         if stamp == 0.0:
             stamp = self.get_clock().now().nanoseconds * 1e-9  # unstamped input
+        return frame, stamp
+
+    def process_message(self, msg: Any, arrived: float | None = None) -> FrameResult | None:
+        """Decode, run and publish one message here; None when it was skipped."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return None
+        t0 = time.perf_counter()
+        arrived = t0 if arrived is None else arrived
+        decoded = self._decode(msg)
+        if decoded is None:
+            return None
+        frame, stamp = decoded
+        t1 = time.perf_counter()
         try:
             result = pipeline.process(frame, stamp)
         except ImageError as exc:
             self._skip(str(exc))
             return None
         t2 = time.perf_counter()
+        self._finish(msg, frame, result, {'queue': (t0 - arrived) * 1e3,
+                                          'decode': (t1 - t0) * 1e3,
+                                          'pipeline': (t2 - t1) * 1e3}, arrived)
+        return result
+
+    def _dispatch(self, msg: Any, arrived: float) -> None:
+        """Decode a message, measure its Θ here (in arrival order) and hand it to the pool."""
+        pipeline, pool = self.pipeline, self.pool
+        if pipeline is None or pool is None:
+            return
+        t0 = time.perf_counter()
+        decoded = self._decode(msg)
+        if decoded is None:
+            return
+        frame, stamp = decoded
+        t1 = time.perf_counter()
+        try:
+            estimate = pipeline.measure(frame, stamp)
+        except ImageError as exc:
+            self._skip(str(exc))
+            return
+        entry = _InFlight(msg, frame, arrived, {'queue': (t0 - arrived) * 1e3,
+                                                'decode': (t1 - t0) * 1e3}, t1,
+                          interval_ms=(time.perf_counter() - t1) * 1e3)
+        with self._cond:  # the collector matches outcomes to entries under the same lock
+            entry.ticket = pool.submit(frame, stamp, estimate)
+            self._inflight.append(entry)
+
+    def _collect(self) -> None:
+        """Receive the pool's outcomes and publish them in arrival order."""
+        seen = 0
+        while not self._stop:
+            pool = self.pool
+            if pool is None:
+                return
+            outcomes = pool.collect(timeout=0.1)
+            for why in pool.failures[seen:]:
+                self._failed(why)
+            seen = len(pool.failures)
+            done_at = time.perf_counter()
+            ready: list[_InFlight] = []
+            with self._cond:
+                by_ticket = {e.ticket: e for e in self._inflight}
+                for outcome in outcomes:
+                    entry = by_ticket.get(outcome.ticket)
+                    if entry is not None:
+                        entry.outcome, entry.done_at = outcome, done_at
+                while self._inflight and self._inflight[0].outcome is not None:
+                    ready.append(self._inflight.popleft())
+                self._cond.notify_all()  # a worker is idle again
+            for entry in ready:
+                try:
+                    self._finish_outcome(entry)
+                except Exception as exc:  # noqa: BLE001 - the collector must outlive any frame
+                    if self._stop or not self.context.ok():
+                        return
+                    self._failed(f'{type(exc).__name__}: {exc}')
+
+    def _finish_outcome(self, entry: _InFlight) -> None:
+        outcome = entry.outcome
+        if outcome.result is None:
+            if outcome.bad_image:
+                self._skip(outcome.error)
+            else:
+                self._failed(outcome.error)
+            return
+        timings = {**entry.timings, 'interval': entry.interval_ms,
+                   'pipeline': (entry.done_at - entry.started) * 1e3}
+        self._finish(entry.msg, entry.frame, outcome.result, timings, entry.arrived)
+
+    def _finish(self, msg: Any, frame: np.ndarray, result: FrameResult, timings: dict,
+                arrived: float) -> None:
+        """Publish one frame's result and record its timings (ms) in the diagnostics."""
+        t0 = time.perf_counter()
         self._publish(msg.header, frame, result)
-        t3 = time.perf_counter()
-        timings = {'queue': (t0 - arrived) * 1e3, 'decode': (t1 - t0) * 1e3,
-                   **{k: v for k, v in result.timings_ms.items() if k != 'total'},
-                   'pipeline': (t2 - t1) * 1e3, 'publish': (t3 - t2) * 1e3,
-                   'node': (t3 - arrived) * 1e3}
+        t1 = time.perf_counter()
+        timings = {**{k: v for k, v in result.timings_ms.items() if k != 'total'}, **timings,
+                   'publish': (t1 - t0) * 1e3, 'node': (t1 - arrived) * 1e3}
         if msg.header.stamp.sec or msg.header.stamp.nanosec:
             sent_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
             timings['age'] = (self.get_clock().now().nanoseconds - sent_ns) * 1e-6
@@ -457,7 +595,6 @@ class UsnPerceptionNode(LifecycleNode):
                              certified=int(result.certified.sum()),
                              out_of_budget=int((result.status
                                                 == int(CertStatus.OUT_OF_BUDGET)).sum()))
-        return result
 
     def _publish(self, header: Any, frame: np.ndarray, result: FrameResult) -> None:
         pubs = self._pubs
@@ -489,7 +626,8 @@ class UsnPerceptionNode(LifecycleNode):
                    device=self.stats.info.get('device', ''),
                    fields={name: KEYPOINT_DTYPE[name].str for name in KEYPOINT_DTYPE.names},
                    interval_message='geometry_msgs/PolygonStamped corners (x=alpha, y=beta)',
-                   input_transport=self.get_parameter('input_transport').value)
+                   input_transport=self.get_parameter('input_transport').value,
+                   workers=int(self.get_parameter('workers').value))
         return doc
 
     def publish_info(self) -> None:
