@@ -447,9 +447,15 @@ def test_installed_node_runs_as_the_launch_file_starts_it(
             msg.header.frame_id, msg.header.stamp.sec = 'installed', n + k + 1
             pub.publish(msg)
             executor.spin_once(timeout_sec=0.02)
+        workers = _children(proc.pid)  # the parameter file's two workers (+ multiprocessing's
+        assert len(workers) >= 2, workers  # resource tracker): none may outlive the node
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0 and 'Traceback' not in out, out[-3000:]
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), 'worker processes outlived the node'
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -460,6 +466,20 @@ def test_installed_node_runs_as_the_launch_file_starts_it(
         executor.shutdown()
         probe.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f'/proc/{pid}/task').glob('*/children')
+            for c in task.read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != 'Z'
 
 
 _STOP_SCRIPT = '''

@@ -18,6 +18,7 @@ safe). A worker that dies is reported for the frame it had and replaced.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 import time
 import traceback
@@ -41,6 +42,9 @@ class WorkerError(RuntimeError):
 def _serve(conn: Connection, model_path: str, device: str, num_threads: int,
            settings: PipelineSettings) -> None:
     """Worker process: load the model, then certify frames until told to stop."""
+    # Ctrl-C reaches the whole process group: the parent shuts the workers down (or its end
+    # of the pipe closes), so a worker ignores SIGINT instead of printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
