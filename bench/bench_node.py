@@ -3,8 +3,8 @@
 Starts ``usn_perception.ros.node`` as a separate process with the package's parameter file,
 publishes WxH mono8 frames at a fixed rate on loopback DDS, and reports: the fraction of frames
 that got a ``~/keypoints`` message, the fraction of keypoints certified, the publish → receipt
-latency (p50/p95), the node's CPU use and RSS curve (its worker processes included). Source
-``env.sh`` first (loopback DDS); the script refuses to run otherwise.
+latency (p50/p95), the node's CPU use and memory curve (PSS; its worker processes
+included). Source ``env.sh`` first (loopback DDS); the script refuses to run otherwise.
 
     python bench/bench_node.py --model models/default --seconds 20 --rate 30 --size 640x480
     python bench/bench_node.py --frames 10000 --rss-csv rss.csv --rss-png rss.png   # memory run
@@ -18,7 +18,7 @@ adds its margins); ``--scenes 3 --swing 0.1,0.05,1`` is the earlier stream, whic
 three scenes and swings ±10 % within every one-second window, so the measured Θ covers scene cuts
 too. Besides the fraction of keypoints with status CERTIFIED, the summary gives the fraction
 whose box is also at most ``--width-px`` wide on both axes (a vacuous box is CERTIFIED too
-when ``certify.max_width_px`` is 0). The memory verdict compares the median RSS of the
+when ``certify.max_width_px`` is 0). The memory verdict compares the median memory of the
 first and the last tenth of the run (after warm-up).
 """
 
@@ -51,18 +51,35 @@ def _process_tree(pid: int) -> list[int]:
     return out
 
 
+def _pss(pid: int) -> int | None:
+    """Proportional set size (bytes): shared pages split between the processes mapping them."""
+    try:
+        for line in Path(f'/proc/{pid}/smaps_rollup').read_text().splitlines():
+            if line.startswith('Pss:'):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _proc_sample(pid: int) -> tuple[float, int]:
-    """(CPU seconds used, RSS bytes) of a process and its descendants, from /proc."""
+    """(CPU seconds used, memory bytes) of a process and its descendants, from /proc.
+
+    Memory is the PSS summed over the tree (the node's worker processes share torch's
+    libraries: summed RSS would count those pages once per process), RSS where the kernel
+    gives no PSS.
+    """
     ticks = os.sysconf('SC_CLK_TCK')
-    cpu, rss = 0.0, 0
+    cpu, mem = 0.0, 0
     for p in _process_tree(pid):
         try:
             fields = Path(f'/proc/{p}/stat').read_text().rsplit(')', 1)[1].split()
         except OSError:  # ended meanwhile
             continue
         cpu += (int(fields[11]) + int(fields[12])) / ticks
-        rss += int(fields[21]) * os.sysconf('SC_PAGE_SIZE')
-    return cpu, rss
+        pss = _pss(p)
+        mem += pss if pss is not None else int(fields[21]) * os.sysconf('SC_PAGE_SIZE')
+    return cpu, mem
 
 
 def _frames(width: int, height: int, n: int = 30, *, scenes: int = 3, first: int = 0,
@@ -113,7 +130,7 @@ def plot_rss(curve: list[tuple[float, int]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(t, rss, lw=1)
     ax.set_xlabel('time since warm-up (s)')
-    ax.set_ylabel('node RSS (MB)')
+    ax.set_ylabel('node memory, PSS with workers (MB)')
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -275,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         'node_cpu_percent': 100.0 * (cpu1 - cpu0) / elapsed,
         'rss_mb_first_last': [rss_curve[0][1] / 2**20 if rss_curve else None, rss / 2**20],
         'rss': rss_growth(rss_curve),
+        'memory_metric': 'PSS of the node process and its workers (the "rss" keys keep their '
+                         'names from before the workers)',
         'node_alive_at_end': alive,
         'size': [width, height], 'rate_hz': args.rate, 'seconds': elapsed,
         'cpu_hogs': max(0, args.cpu_hogs), 'params': list(args.param),
