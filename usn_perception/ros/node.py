@@ -238,7 +238,7 @@ class UsnPerceptionNode(LifecycleNode):
         self.stats.info['state'] = 'unconfigured'
         self.pipeline: FramePipeline | None = None
         self.pool: WorkerPool | None = None  # with ``workers`` > 1
-        self._inflight: deque[list] = deque()  # frames in the pool, in arrival order
+        self._inflight: deque[_InFlight] = deque()  # frames in the pool, in arrival order
         self._collector: threading.Thread | None = None
         self._subscription = None
         self._pubs: dict[str, Any] = {}
@@ -393,8 +393,9 @@ class UsnPerceptionNode(LifecycleNode):
             pool.close()
 
     def destroy_node(self) -> None:
-        """Stop the worker thread before the node's entities go away."""
+        """Stop the threads and worker processes before the node's entities go away."""
         self._stop_worker()
+        self._close_pool()
         super().destroy_node()
 
     # ------------------------------------------------------------------- input
