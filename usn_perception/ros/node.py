@@ -492,27 +492,32 @@ class UsnPerceptionNode(LifecycleNode):
             stamp = self.get_clock().now().nanoseconds * 1e-9  # unstamped input
         return frame, stamp
 
+    def _take(self, msg: Any, arrived: float) -> tuple | None:
+        """Decode a message: (frame, stamp, timings so far (ms), time decoded), None if skipped."""
+        t0 = time.perf_counter()
+        decoded = self._decode(msg)
+        if decoded is None:
+            return None
+        t1 = time.perf_counter()
+        return (*decoded, {'queue': (t0 - arrived) * 1e3, 'decode': (t1 - t0) * 1e3}, t1)
+
     def process_message(self, msg: Any, arrived: float | None = None) -> FrameResult | None:
         """Decode, run and publish one message here; None when it was skipped."""
         pipeline = self.pipeline
         if pipeline is None:
             return None
-        t0 = time.perf_counter()
-        arrived = t0 if arrived is None else arrived
-        decoded = self._decode(msg)
-        if decoded is None:
+        arrived = time.perf_counter() if arrived is None else arrived
+        taken = self._take(msg, arrived)
+        if taken is None:
             return None
-        frame, stamp = decoded
-        t1 = time.perf_counter()
+        frame, stamp, timings, t1 = taken
         try:
             result = pipeline.process(frame, stamp)
         except ImageError as exc:
             self._skip(str(exc))
             return None
-        t2 = time.perf_counter()
-        self._finish(msg, frame, result, {'queue': (t0 - arrived) * 1e3,
-                                          'decode': (t1 - t0) * 1e3,
-                                          'pipeline': (t2 - t1) * 1e3}, arrived)
+        timings['pipeline'] = (time.perf_counter() - t1) * 1e3
+        self._finish(msg, frame, result, timings, arrived)
         return result
 
     def _dispatch(self, msg: Any, arrived: float) -> None:
@@ -520,19 +525,16 @@ class UsnPerceptionNode(LifecycleNode):
         pipeline, pool = self.pipeline, self.pool
         if pipeline is None or pool is None:
             return
-        t0 = time.perf_counter()
-        decoded = self._decode(msg)
-        if decoded is None:
+        taken = self._take(msg, arrived)
+        if taken is None:
             return
-        frame, stamp = decoded
-        t1 = time.perf_counter()
+        frame, stamp, timings, t1 = taken
         try:
             estimate = pipeline.measure(frame, stamp)
         except ImageError as exc:
             self._skip(str(exc))
             return
-        entry = _InFlight(msg, frame, arrived, {'queue': (t0 - arrived) * 1e3,
-                                                'decode': (t1 - t0) * 1e3}, t1,
+        entry = _InFlight(msg, frame, arrived, timings, t1,
                           interval_ms=(time.perf_counter() - t1) * 1e3)
         with self._cond:  # the collector matches outcomes to entries under the same lock
             entry.ticket = pool.submit(frame, stamp, estimate)
