@@ -242,6 +242,8 @@ def test_worker_processes_publish_every_frame_in_order_with_its_header(harness):
     assert h.spin_until(lambda: len(clouds) >= before + 6, each=send, period=0.01)
     assert (decode_keypoints(clouds[-1]).status == 3).all()  # SKIPPED
     assert h.node.stats.counts['errors'] == 0
+    assert h.node.stats.info['workers_alive'] == '2'  # in /diagnostics
+    assert h.node.stats.info['worker_restarts'] == '0'
     assert h.node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
     assert h.node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     assert h.node.pool is None

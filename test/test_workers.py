@@ -99,8 +99,9 @@ def test_bad_frames_and_dead_workers_are_reported_and_the_pool_goes_on(pool):
     outcome = _outcomes(workers, 1)[ticket]
     if outcome.result is None:  # the killed worker had it
         assert 'died' in outcome.error
-    assert any('died' in f for f in workers.failures)
+    assert any('died' in f for f in workers.failures) and workers.restarts == 1
     workers.wait_ready()  # the replacement
+    assert workers.alive() == 2
     ticket = workers.submit(frame, 0.3, estimate)
     assert _outcomes(workers, 1)[ticket].result is not None
 

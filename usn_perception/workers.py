@@ -129,6 +129,7 @@ class WorkerPool:
         self._next_ticket = 0
         self._closed = False
         self.failures: list[str] = []  # start failures and deaths, newest last
+        self.restarts = 0  # workers replaced after dying
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -165,6 +166,11 @@ class WorkerPool:
         """Whether some worker can take a frame now."""
         with self._lock:
             return any(w.state == 'idle' for w in self._workers)
+
+    def alive(self) -> int:
+        """Workers that have started and not died."""
+        with self._lock:
+            return sum(w.state in ('idle', 'busy') for w in self._workers)
 
     def busy(self) -> int:
         """Frames being certified now."""
@@ -254,6 +260,7 @@ class WorkerPool:
             index = self._workers.index(worker)
             self._workers[index] = self._start()  # not one that dies while starting: no loop
             self._arrivals[index] = []
+            self.restarts += 1
         return lost
 
     def close(self, timeout: float = 5.0) -> None:

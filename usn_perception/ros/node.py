@@ -551,6 +551,8 @@ class UsnPerceptionNode(LifecycleNode):
             for why in pool.failures[seen:]:
                 self._failed(why)
             seen = len(pool.failures)
+            self.stats.info.update(workers_alive=str(pool.alive()),
+                                   worker_restarts=str(pool.restarts))
             done_at = time.perf_counter()
             ready: list[_InFlight] = []
             with self._cond:
