@@ -92,7 +92,6 @@ def test_bad_frames_and_dead_workers_are_reported_and_the_pool_goes_on(pool):
     ticket = workers.submit(bad, 0.1, estimate)
     outcome = _outcomes(workers, 1)[ticket]
     assert outcome.result is None and outcome.bad_image and 'NaN' in outcome.error
-    time.sleep(1.2)  # workers that die while starting are not restarted (no loop)
     victim = next(w for w in workers._workers if w.state == 'idle')
     ticket = workers.submit(frame, 0.2, estimate)
     os.kill(victim.process.pid, signal.SIGKILL)
@@ -113,6 +112,17 @@ def test_a_worker_that_cannot_start_fails_loudly(tmp_path: Path):
     try:
         with pytest.raises(WorkerError, match='could not start'):
             workers.wait_ready()
+    finally:
+        workers.close()
+
+
+def test_a_worker_killed_while_starting_is_not_restarted(tiny_model: Path):
+    workers = WorkerPool(str(tiny_model), processes=1, settings=SETTINGS)
+    try:
+        os.kill(workers._workers[0].process.pid, signal.SIGKILL)  # long before torch loads
+        with pytest.raises(WorkerError, match='could not start'):
+            workers.wait_ready()
+        assert workers.restarts == 0 and workers.alive() == 0
     finally:
         workers.close()
 

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -94,7 +94,6 @@ class _Worker:
     conn: Connection
     state: str = 'starting'  # starting | idle | busy | dead
     ticket: int | None = None
-    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -249,16 +248,21 @@ class WorkerPool:
         return [Outcome(msg[1], error=msg[3], bad_image=msg[2])]
 
     def _died(self, worker: _Worker) -> list[Outcome]:
-        """Report the frame a dead worker had and start a replacement."""
+        """Report the frame a dead worker had and start a replacement.
+
+        Only a worker that had started is replaced: one that dies while starting would die
+        again (its failure stays in :attr:`failures` and :meth:`wait_ready` raises).
+        """
         code = worker.process.exitcode
         self.failures.append(f'worker process {worker.process.pid} died (exit code {code})')
         lost = [] if worker.ticket is None else [Outcome(
             worker.ticket, error=f'the worker process died (exit code {code})')]
+        was_running = worker.state in ('idle', 'busy')
         worker.state = 'dead'
         worker.conn.close()
-        if not self._closed and worker.started + 1.0 < time.monotonic():
+        if was_running and not self._closed:
             index = self._workers.index(worker)
-            self._workers[index] = self._start()  # not one that dies while starting: no loop
+            self._workers[index] = self._start()
             self._arrivals[index] = []
             self.restarts += 1
         return lost
