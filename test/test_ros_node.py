@@ -113,6 +113,13 @@ class Harness:
         msg.header.frame_id = frame_id or f'cam{self.sent}'
         return msg
 
+    def sender(self, pub, sent: list) -> Callable[[], None]:
+        """A function that publishes a fresh frame on ``pub`` and keeps it in ``sent``."""
+        def send() -> None:
+            sent.append(self.image())
+            pub.publish(sent[-1])
+        return send
+
     def close(self) -> None:
         self.executor.shutdown()
         self.node.destroy_node()
@@ -132,6 +139,15 @@ def harness(ros_domain, tiny_model):
     yield make
     for h in made:
         h.close()
+
+
+def _assert_boxes_hold_keypoints(dec) -> None:
+    """Every certified box contains its nominal keypoint."""
+    ok = dec.certified
+    # x, y are float32: compare in float32, where rounding is monotone.
+    b, p = dec.boxes[ok].astype(np.float32), dec.keypoints[ok].astype(np.float32)
+    assert ((b[:, 0] <= p[:, 0]) & (p[:, 0] <= b[:, 1])
+            & (b[:, 2] <= p[:, 1]) & (p[:, 1] <= b[:, 3])).all()
 
 
 def _headers(msgs: list) -> set:
@@ -162,10 +178,7 @@ def test_frames_in_keypoints_out_with_headers_bounds_and_info(harness):
     boxes = h.listen(PolygonStamped, f'{NS}/photometric_interval')
     pub = h.probe.create_publisher(Image, 'image', RELIABLE)
     sent: list[Image] = []
-
-    def send() -> None:
-        sent.append(h.image())
-        pub.publish(sent[-1])
+    send = h.sender(pub, sent)
 
     assert h.spin_until(lambda: len(clouds) >= 3 and len(boxes) >= 3, each=send)
     assert _headers(clouds) <= _headers(sent)  # every output carries an input's header
@@ -175,13 +188,8 @@ def test_frames_in_keypoints_out_with_headers_bounds_and_info(harness):
         dec = decode_keypoints(msg)
         assert dec.keypoints.shape == (5, 2) and list(dec.kp_id) == [0, 1, 2, 3, 4]
         assert set(dec.status) <= {0, 1, 2, 3}
-        ok = dec.certified
-        certified += int(ok.sum())
-        # x, y are float32: compare in float32, where rounding is monotone.
-        b = dec.boxes[ok].astype(np.float32)
-        p = dec.keypoints[ok].astype(np.float32)
-        assert ((b[:, 0] <= p[:, 0]) & (p[:, 0] <= b[:, 1])
-                & (b[:, 2] <= p[:, 1]) & (p[:, 1] <= b[:, 3])).all()
+        certified += int(dec.certified.sum())
+        _assert_boxes_hold_keypoints(dec)
     assert certified > 0
     alpha, beta = polygon_to_interval(boxes[-1])
     assert alpha[0] <= 1.0 <= alpha[1] and beta[0] <= 0.0 <= beta[1]
@@ -221,21 +229,14 @@ def test_worker_processes_publish_every_frame_in_order_with_its_header(harness):
     clouds = h.listen(PointCloud2, f'{NS}/keypoints')
     pub = h.probe.create_publisher(Image, 'image', RELIABLE)
     sent: list[Image] = []
-
-    def send() -> None:
-        sent.append(h.image())
-        pub.publish(sent[-1])
+    send = h.sender(pub, sent)
 
     assert h.spin_until(lambda: len(clouds) >= 8, each=send, period=0.01, timeout=60.0)
     assert _headers(clouds) <= _headers(sent)
     secs = [m.header.stamp.sec for m in clouds]
     assert secs == sorted(secs) and len(set(secs)) == len(secs)  # in order, once each
     for msg in clouds:
-        dec = decode_keypoints(msg)
-        ok = dec.certified
-        b, p = dec.boxes[ok].astype(np.float32), dec.keypoints[ok].astype(np.float32)
-        assert ((b[:, 0] <= p[:, 0]) & (p[:, 0] <= b[:, 1])
-                & (b[:, 2] <= p[:, 1]) & (p[:, 1] <= b[:, 3])).all()
+        _assert_boxes_hold_keypoints(decode_keypoints(msg))
     # A runtime change reaches the workers: uncertified keypoints from then on.
     assert h.node.set_parameters([Parameter('certify.enabled', value=False)])[0].successful
     before = len(clouds)

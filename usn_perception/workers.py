@@ -71,9 +71,6 @@ def _serve(conn: Connection, model_path: str, device: str, num_threads: int,
         if kind == 'settings':
             pipeline.configure(msg[1])
             continue
-        if kind == 'reset':
-            pipeline.reset()
-            continue
         _, ticket, image, stamp, interval, arrivals = msg
         for arrival in arrivals:
             pipeline.note_arrival(arrival)
@@ -171,11 +168,6 @@ class WorkerPool:
         with self._lock:
             return sum(w.state in ('idle', 'busy') for w in self._workers)
 
-    def busy(self) -> int:
-        """Frames being certified now."""
-        with self._lock:
-            return sum(w.state == 'busy' for w in self._workers)
-
     def note_arrival(self, stamp: float) -> None:
         """A frame of the stream arrived: every worker learns the camera's period from it."""
         with self._lock:
@@ -223,7 +215,7 @@ class WorkerPool:
                 except (EOFError, OSError):
                     outcomes.extend(self._died(worker))
             for worker in list(self._workers):  # a worker killed between messages
-                if worker.state != 'dead' and not worker.process.is_alive() and not conn_ready(
+                if worker.state != 'dead' and not worker.process.is_alive() and not _conn_ready(
                         worker.conn):
                     outcomes.extend(self._died(worker))
         return outcomes
@@ -286,7 +278,7 @@ class WorkerPool:
             w.conn.close()
 
 
-def conn_ready(conn: Connection) -> bool:
+def _conn_ready(conn: Connection) -> bool:
     """Whether ``conn`` still has a message to read (False once it is closed or broken)."""
     try:
         return conn.poll()
