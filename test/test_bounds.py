@@ -148,6 +148,48 @@ def test_encoding_reproduces_preprocessing(shape, dtype):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize('shape, dtype', [((30, 40), np.uint8), ((23, 17, 3), np.uint8),
+                                          ((50, 70), np.float64), ((24, 32), np.uint16)])
+def test_threshold_deviations_are_the_differences_of_the_inputs(shape, dtype):
+    rng = np.random.default_rng(3)
+    if dtype == np.float64:
+        img = rng.random(shape)
+    else:
+        img = rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    img.flat[:40] = 0  # some pixels at the clip values
+    img.flat[-40:] = 1 if dtype == np.float64 else np.iinfo(dtype).max
+    enc = ImageEncoding(img, _det().config.input_size)
+    v = enc.values
+    lo, hi = float(v.min()), float(v.max())
+    cases = [  # τ along the dark values, κ along the bright ones, both at once, one point
+        (torch.stack([v[0], v[3], v[7], v[12]]), torch.full((4,), hi, dtype=F64)),
+        (torch.full((3,), lo, dtype=F64), torch.stack([v[-1], v[-5], v[-2]])),
+        (torch.tensor([0.0, 0.05, 0.2], dtype=F64), torch.tensor([1.0, 0.9, 0.97], dtype=F64)),
+        (torch.tensor([0.1, 0.1], dtype=F64), torch.tensor([0.8, 0.8], dtype=F64)),
+    ]
+    for taus, kappas in cases:
+        u = enc.threshold_inputs(taus, kappas, shift=False)
+        got = enc.threshold_deviations(taus, kappas)
+        torch.testing.assert_close(got, u[1:] - u[:1], rtol=0, atol=1e-14)
+    assert not enc.threshold_deviations(*cases[3]).any()  # nothing moves: exactly zero
+
+
+def test_rows_using_agrees_with_testing_every_source():
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, (40, 60)).astype(np.uint8)
+    img[:10] = rng.integers(0, 4, (10, 60))  # a dark band: the lowest values sit in few rows
+    enc = ImageEncoding(img, _det().config.input_size)
+    n = enc.values.shape[0]
+    masks = [torch.arange(n) < 3, torch.arange(n) > 250, (torch.arange(n) < 2) | (
+        torch.arange(n) > 253), torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool),
+        (torch.arange(n) > 100) & (torch.arange(n) < 110), torch.rand(n) < 0.05]
+    for moved in masks:
+        want = torch.nonzero(moved[enc.index].any(1))[:, 0]
+        got = enc.rows_using(moved)
+        assert torch.equal(got, want)
+    assert 0 < enc.rows_using(masks[0]).numel() < enc.index.shape[0]
+
+
 @pytest.mark.parametrize('rgb', [False, True])
 def test_input_bounds_contain_samples(rgb):
     rng = np.random.default_rng(2)

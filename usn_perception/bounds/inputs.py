@@ -86,7 +86,8 @@ class ImageEncoding:
         h, w, c = codes.shape
         w_out, h_out = input_size
         pos, weights = _gather_plan(h, w, c, int(w_out), int(h_out))
-        index = np.take(codes.reshape(-1), pos).astype(np.int64, copy=False)
+        narrow = np.take(codes.reshape(-1), pos)  # (Q, M) value codes, in value order
+        index = narrow.astype(np.int64, copy=False)
         self.device = torch.device(device)
         self.values = torch.as_tensor(values, dtype=torch.float64, device=self.device)
         self.index = torch.as_tensor(index, device=self.device)
@@ -96,6 +97,40 @@ class ImageEncoding:
         #: (V,) total resize weight of each distinct value over the network input.
         self.value_weights = torch.zeros_like(self.values).index_add_(
             0, self.index.reshape(-1), self.weights.reshape(-1))
+        self._narrow = narrow
+        self._code_range: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def code_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q,) smallest and largest value code among each network-input pixel's sources.
+
+        Codes index :attr:`values`, which ascend. Computed once, on a transposed copy (a
+        reduction along contiguous memory is ~100x faster than along the short tap axis).
+        """
+        if self._code_range is None:
+            taps = np.ascontiguousarray(self._narrow.T)
+            self._code_range = (torch.as_tensor(taps.min(0).astype(np.int64), device=self.device),
+                                torch.as_tensor(taps.max(0).astype(np.int64), device=self.device))
+        return self._code_range
+
+    def rows_using(self, moved: torch.Tensor) -> torch.Tensor:
+        """Indices of the network-input pixels with a source value where ``moved`` (V,) holds.
+
+        A ``moved`` made of the lowest and/or highest values (what a threshold clips) is
+        answered from :meth:`code_range`; any other set by testing every source.
+        """
+        v = moved.shape[0]
+        inner = torch.nonzero(~moved)[:, 0]
+        if inner.numel() == 0:
+            return torch.arange(self.index.shape[0], device=self.device)
+        first, last = int(inner[0]), int(inner[-1])
+        if int(inner.numel()) == last - first + 1:  # moved = [0, first) ∪ (last, V)
+            lo, hi = self.code_range()
+            hit = lo < first
+            if last < v - 1:
+                hit |= hi > last
+        else:
+            hit = moved[self.index].any(1)
+        return torch.nonzero(hit)[:, 0]
 
     def _gather(self, table: torch.Tensor) -> torch.Tensor:
         """(V, D) per-value table → (D, 1, H, W) preprocessed network inputs."""
@@ -215,6 +250,25 @@ class ImageEncoding:
         if skip is not None:
             u = u.masked_fill(skip if skip.ndim == 2 else skip[None, :], 0.0)
         return self._gather(u.T.contiguous())
+
+    def threshold_deviations(self, taus: torch.Tensor, kappas: torch.Tensor) -> torch.Tensor:
+        """(P − 1, 1, H, W) ``clip(x, τ_j, κ_j) − clip(x, τ_0, κ_0)`` for j = 1 … P − 1.
+
+        The gather is linear in the value table, so the deviations are the gather of the
+        tables' differences, which vanish except on the values some point clips differently
+        from the first: only the network-input pixels with such a value among their sources
+        are gathered (on a camera frame, the pixels near its darkest or brightest parts).
+        """
+        u = torch.clamp(self.values[None, :], min=taus[:, None], max=kappas[:, None])
+        diff = u[1:] - u[:1]  # (P − 1, V)
+        out = diff.new_zeros((diff.shape[0], self.index.shape[0]))
+        rows = self.rows_using((diff != 0).any(0))
+        if rows.numel():
+            part = F.embedding_bag(self.index.index_select(0, rows), diff.T.contiguous(),
+                                   per_sample_weights=self.weights.index_select(0, rows),
+                                   mode='sum')
+            out.index_copy_(1, rows, part.T)
+        return out.reshape(-1, *self.shape)
 
     def threshold_intervals(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """IBP input in clip-threshold coordinates: constant centre and radius forms."""

@@ -90,20 +90,24 @@ def level_nodes(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
     return torch.cat([ends[:1], present.sort().values, ends[1:]])
 
 
-def _nodal_inputs(enc, nodes: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _nodal_inputs(enc, nodes: torch.Tensor, axis: int, *,
+                  reference: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Network inputs ``clip(x, τ, κ)`` (*without* the − τ) at each node, float64.
 
-    Returns node 0's (1, 1, H, W) and the others' deviations from it (G − 1, 1, H, W). The
-    other threshold sits where it clips nothing. Leaving out the − τ (a constant image,
+    Returns node 0's (1, 1, H, W) (None when ``reference`` is False: the caller has its
+    trace) and the others' deviations from it (G − 1, 1, H, W), gathered from the value
+    tables' differences (:meth:`~usn_perception.bounds.inputs.ImageEncoding.threshold_deviations`).
+    The other threshold sits where it clips nothing. Leaving out the − τ (a constant image,
     which a zero-sum first filter cancels up to rounding) keeps the deviations between nodes
     to the clipped pixels; the caller bounds its effect by |τ|·R (:func:`.free.tau_reach`).
     """
     lo, hi = float(enc.values.min()), float(enc.values.max())
     if axis == KAPPA:
-        u = enc.threshold_inputs(torch.full_like(nodes, lo), nodes, shift=False)
+        taus, kappas = torch.full_like(nodes, lo), nodes
     else:
-        u = enc.threshold_inputs(nodes, torch.full_like(nodes, hi), shift=False)
-    return u[:1], u[1:] - u[:1]
+        taus, kappas = nodes, torch.full_like(nodes, hi)
+    v0 = enc.threshold_inputs(taus[:1], kappas[:1], shift=False) if reference else None
+    return v0, enc.threshold_deviations(taus, kappas)
 
 
 def _deviation(d: torch.Tensor) -> torch.Tensor:
@@ -284,8 +288,10 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     if flip:
         points = points.flip(0)
         group = int(group[-1]) - group.flip(0)
-    v0, diff = _nodal_inputs(enc, points, axis)
-    group = group.to(v0.device)
+    # With a reused trace node 0's input is needed only if the network starts with a ReLU.
+    starts_linear = bool(net.ops) and isinstance(net.ops[0], (LinearOp, AffineOp))
+    v0, diff = _nodal_inputs(enc, points, axis, reference=not (reuse and starts_linear))
+    group = group.to(diff.device)
     refs = net.op_values(nominal) if reuse else net.trace(v0)
     # Node 0 is the reference, in float64; the others are deviations D_j = c_j − c_0 rounded to
     # ``dtype`` (≤ u·|D_j|, which starts the radius; the float64 ones are ulp-level, covered by
