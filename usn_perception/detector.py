@@ -84,12 +84,12 @@ class Detector:
         """Heatmap-cell → image-pixel mapping for an image of ``image_shape`` (H, W[, C])."""
         return PixelMapping.for_image((image_shape[1], image_shape[0]), self.config.heatmap_size)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def heatmaps(self, image: np.ndarray) -> torch.Tensor:
         """(K, Hh, Wh) float64 heatmap logits for one image."""
         return self.net(self.network_input(image))[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, image: np.ndarray, *, readout: str | None = None,
             trace: bool = False) -> Prediction:
         """Keypoints, scores and heatmaps for one image (``trace``: keep every module's output).

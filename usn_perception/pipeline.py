@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
 from usn_perception.certify import (
@@ -276,6 +277,7 @@ class FramePipeline:
         check_image(image)
         return self.interval.update(image, stamp)
 
+    @torch.inference_mode()  # every tensor of a frame is made and dropped here
     def process(self, image: np.ndarray, stamp: float, *,
                 interval: IntervalEstimate | None = None) -> FrameResult:
         """Run one frame (HxW or HxWx3 RGB; uint8, uint16 or float in [0, 1]).
