@@ -22,6 +22,7 @@ from usn_perception.bounds.layers import SUPPORTED_LAYERS, compile_network, modu
 from usn_perception.bounds.propagate import BudgetExceeded, propagate
 from usn_perception.bounds.spec import (
     LOCAL_CANDIDATES,
+    _first_cells,
     argmax_bounds,
     centroid_bounds,
     coupled_max,
@@ -472,6 +473,18 @@ def test_centroid_bounds_contain_sampled_readouts(readout, spread):
                          ).all()), (readout, spread, i)
     if spread == 0.0:  # exact forms: the bound is the readout's own range, not the grid
         assert float((bounds[..., 1] - bounds[..., 0]).max()) < w - 1
+
+
+def test_first_cells_are_a_stable_sorts_first_cells():
+    rng = torch.Generator().manual_seed(5)
+    mask = torch.rand((3, 4, 50), generator=rng) < 0.2
+    mask[0, 0] = False  # a row with no set cell
+    mask[0, 1] = True  # a row with every cell set
+    for count in (0, 1, 7, 50):
+        index, valid = _first_cells(mask, count)
+        order = mask.to(torch.int8).sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(index, order.indices[..., :count])
+        assert torch.equal(valid, order.values[..., :count].bool())
 
 
 def test_local_centroid_bounds_beat_centroid_when_far_cells_are_uncertain():

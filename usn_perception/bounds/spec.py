@@ -385,22 +385,32 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
 
     up_w, lo_w, up_e, lo_e = (window_view(t) for t in weights)
     vanish = _vanishing(lo_w, lo_e).view(n_rows, k_kp, n_l)
+    # The four scans (u and v, each side) in one batch. The window's offsets are the same
+    # values on both axes and symmetric about 0, so every scan shares the coordinates and
+    # only the grouped weights differ: on the negative side the groups of −offsets are the
+    # positive side's in reverse order (``_groups``: values ascending).
+    values, index_u = _groups(du.to(centre.dtype))
+    _, index_v = _groups(dv.to(centre.dtype))
+    g = values.shape[0]
+    scans = []
+    for index in (index_u, index_v):
+        sums = [_group_sum(t, index, g) for t in (up_w, lo_w, up_e, lo_e)]
+        scans.append(sums)  # sign −1: the groups of −offsets, in descending order
+        scans.append([t.flip(-1) for t in sums])  # sign +1: descending coordinate order
+    grouped = [torch.cat([scan[i] for scan in scans]) for i in range(4)]
+    c = values.flip(0).expand(4 * n_rows, k_kp * n_l, g)
+    best_all = _smallest_threshold(*grouped, c, values, m).view(4, n_rows, k_kp, n_l)
     out = []
-    for offsets, base in ((du, pu), (dv, pv)):
-        for sign in (-1.0, 1.0):
-            values, index = _groups(offsets.to(centre.dtype) * sign)
-            g = values.shape[0]
-            grouped = [_group_sum(t, index, g).flip(-1) for t in (up_w, lo_w, up_e, lo_e)]
-            c = values.flip(0).expand(n_rows, k_kp * n_l, g)
-            best = sign * _smallest_threshold(*grouped, c, values, m).view(n_rows, k_kp, n_l)
-            # The fallback (the window's own centre p, offset 0) where the mass may vanish.
-            zero = torch.zeros_like(best)
-            joined = torch.maximum(best, zero) if sign > 0 else torch.minimum(best, zero)
-            best = torch.where(vanish, joined, best)
-            coord = base.to(centre.dtype) + best + sign * COORD_SLACK
-            fill = -torch.inf if sign > 0 else torch.inf
-            coord = torch.where(valid, coord, fill)
-            out.append(coord.amax(-1) if sign > 0 else coord.amin(-1))
+    for d, (base, sign) in enumerate(((pu, -1.0), (pu, 1.0), (pv, -1.0), (pv, 1.0))):
+        best = sign * best_all[d]
+        # The fallback (the window's own centre p, offset 0) where the mass may vanish.
+        zero = torch.zeros_like(best)
+        joined = torch.maximum(best, zero) if sign > 0 else torch.minimum(best, zero)
+        best = torch.where(vanish, joined, best)
+        coord = base.to(centre.dtype) + best + sign * COORD_SLACK
+        fill = -torch.inf if sign > 0 else torch.inf
+        coord = torch.where(valid, coord, fill)
+        out.append(coord.amax(-1) if sign > 0 else coord.amin(-1))
     local = torch.stack(out, -1)
     # Each window's centroid also lies inside the window (clipped to the heatmap).
     return torch.where(few[..., None], _intersect(local, grown), grown)
@@ -412,9 +422,15 @@ def _gather_many(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _first_cells(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (N, K, count) of the first ``count`` set cells of each row, and which are set."""
-    order = mask.to(torch.int8).sort(dim=-1, descending=True, stable=True)
-    return order.indices[..., :count], order.values[..., :count].bool()
+    """Indices (N, K, count) of the first ``count`` set cells of each row, and which are set.
+
+    Unset cells fill the rest in index order (a stable sort's order; ``topk`` on distinct keys
+    finds them without sorting the row).
+    """
+    n = mask.shape[-1]
+    key = torch.arange(n, 0, -1, device=mask.device).expand_as(mask) + mask * n
+    index = key.topk(count, dim=-1).indices
+    return index, mask.gather(-1, index)
 
 
 def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,
