@@ -71,6 +71,14 @@ def test_axis_and_nodes_follow_the_present_values():
                       weights) is None  # nothing clips: a free box
     point = torch.tensor([0.0, 0.0, 0.98, 0.98], dtype=F64)
     assert level_nodes(point, values, weights, KAPPA).tolist() == [0.98, 0.98]
+    # Subdivided: every segment cut into equal parts, the natural nodes kept.
+    halves = level_nodes(dark, values, weights, TAU, subdivide=2)
+    np.testing.assert_allclose(halves.numpy(), [-0.01, 0.0, 0.01, 0.015, 0.02, 0.025, 0.03],
+                               rtol=0, atol=1e-15)
+    thirds = level_nodes(bright, values, weights, KAPPA, subdivide=3)
+    assert thirds.shape[0] == 3 * 3 + 1 and bool((thirds[1:] > thirds[:-1]).all())
+    assert set(level_nodes(bright, values, weights, KAPPA).tolist()) <= set(thirds.tolist())
+    assert level_nodes(point, values, weights, KAPPA, subdivide=3).tolist() == [0.98, 0.98]
 
 
 def test_radius_groups_are_contiguous_and_cover_every_segment():
@@ -193,6 +201,31 @@ def test_leaf_forms_tile_the_box_and_contain_the_interpolant(leaves):
             assert bool(((truth - value).abs() <= rad[leaf, 0] - radius[s] + 1e-12).all())
 
 
+@pytest.mark.parametrize('groups', [None, 2])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_logits_between_subdivided_nodes_stay_within_the_radius(seed, side, groups):
+    det = homogeneous_shallow(seed)
+    image = one_sided(seed, side)
+    enc = ImageEncoding(image, det.config.input_size)
+    net = compile_network(det.net, enc.shape)
+    box = _rest(enc, OFFLINE_BOX)
+    axis = level_axis(box, enc.values, enc.value_weights)
+    nodes = level_nodes(box, enc.values, enc.value_weights, axis, subdivide=3)
+    group = None if groups is None else radius_groups(nodes.shape[0] - 1, groups)
+    logits, radius, _ = level_logits(net, enc, nodes, axis, group=group)
+    lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
+    scale = float(logits.abs().max())
+    assert nodes.shape[0] > 3 * 3  # at least three natural segments, each cut in three
+    for s in range(nodes.shape[0] - 1):
+        t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 9, dtype=F64)
+        other = torch.full_like(t, hi_v if axis == TAU else lo_v)
+        taus, kappas = (t, other) if axis == TAU else (other, t)
+        true = _net_logits(det, enc, taus, kappas)
+        frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
+        gap = (true - (logits[s] + frac * (logits[s + 1] - logits[s]))).abs()
+        assert bool((gap <= radius[s] + 1e-12 * scale).all()), float((gap - radius[s]).max())
+
+
 # --- certificates --------------------------------------------------------------------------
 
 @pytest.mark.parametrize('readout', ['centroid', 'local-centroid', 'argmax'])
@@ -201,10 +234,15 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
     det = homogeneous_shallow(seed, readout)
     image = one_sided(seed, side)
     for box in (NODE_BOX, OFFLINE_BOX):
-        for n in (1, 3, 8):
+        natural = 0
+        for n in (1, 3, 8, 16):  # 16: spare leaves subdivide the segments
             cert = certify_keypoints(det, image, box, budget=Budget(n))
             if n == 8 or (n == 3 and box is NODE_BOX):  # (1 sub-box affords 9 nodes)
                 assert cert.stats['level_nodes'] > 0, cert.stats
+            if n == 3 and box is NODE_BOX:  # no leaf to spare: the natural nodes
+                natural = cert.stats['level_nodes']
+            if n == 16 and box is NODE_BOX:
+                assert cert.stats['level_nodes'] > natural, cert.stats
             if cert.stats['level_nodes']:
                 assert cert.stats['subboxes'] <= n
             assert_sound(det, image, box, cert, readout, grid=7)
@@ -302,14 +340,14 @@ def test_the_plan_is_not_used_where_it_does_not_apply():
     assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(3),
                              level_nodes=0).stats['level_nodes'] == 0
     # More nodes than the budget affords (NODES_PER_SUBBOX per sub-box) or than allowed, or
-    # a budget above LEVEL_MAX_SUBBOXES (the partition is tighter there).
+    # a budget above LEVEL_MAX_SUBBOXES (offline budgets keep the partition).
     many = certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(8))
     assert many.stats['level_nodes'] > 9
     assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(1)).stats[
         'level_nodes'] == 0
     assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(8),
                              level_nodes=5).stats['level_nodes'] == 0
-    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(16)).stats[
+    assert certify_keypoints(det, dark, OFFLINE_BOX, budget=Budget(64)).stats[
         'level_nodes'] == 0
     # A network whose |W| chain makes |τ|·R non-negligible (random, untrained): no free
     # sub-boxes, and no level nodes either (they leave the input's − τ to that bound).

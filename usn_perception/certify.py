@@ -86,10 +86,18 @@ NODES_PER_SUBBOX = 9
 #: thousands of values in a threshold's range): beyond it the partition bounds the box.
 LEVEL_NODES = 64
 #: Largest budget (sub-boxes) that uses level nodes. Measured on the node-box renders of
-#: bench/bench_certify.py (session 8): at 3 and 8 sub-boxes level nodes are both tighter and
-#: faster (median tightness 5.2 vs 119, 2.8 vs 7.4); at 16 the partition's propagated leaves
-#: are tighter (1.7 vs 2.2) at 2.5x the time, which offline budgets can afford.
-LEVEL_MAX_SUBBOXES = 8
+#: bench/bench_certify.py: at 3 and 8 sub-boxes level nodes are both tighter and faster
+#: (session 8: median tightness 5.2 vs 119, 2.8 vs 7.4); at 16 and 32, with subdivided
+#: segments (below), too (session 11: 1.37 vs 1.74 and 1.39 vs 1.45, at half the time or
+#: less). Offline budgets (96) keep the partition.
+LEVEL_MAX_SUBBOXES = 32
+#: Nodes per sub-box of the budget that subdividing segments may add up to (each segment is
+#: cut into at most LEVEL_SUBDIVIDE equal parts): a budget with more leaves than the natural
+#: nodes can use spends them on shorter segments, whose chord gaps are smaller. Measured on
+#: the same renders (session 11): 12 sub-boxes, 41 nodes 1.61 (21x predict), 16 sub-boxes,
+#: 61 nodes 1.37 (31x), against 2.2 (23x) for 16 sub-boxes on the 21 natural nodes.
+SUBDIVIDE_NODES_PER_SUBBOX = 4
+LEVEL_SUBDIVIDE = 3
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
@@ -318,10 +326,19 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
     axis = level_axis(root[0], enc.values, enc.value_weights)
     if axis is None:
         return None  # both thresholds clip, or neither
+    cap = min(max_nodes, NODES_PER_SUBBOX * budget.max_subboxes)
     nodes = level_nodes(root[0], enc.values, enc.value_weights, axis)
     points = evaluation_points(nodes, enc.values, enc.value_weights, axis)[0].shape[0]
-    if points > min(max_nodes, NODES_PER_SUBBOX * budget.max_subboxes):
+    if points > cap:
         return None
+    # Leaves to spare: cut every segment into k parts, as many nodes as the budget allows.
+    spare = min(cap, SUBDIVIDE_NODES_PER_SUBBOX * budget.max_subboxes)
+    for k in range(min(LEVEL_SUBDIVIDE, spare // points), 1, -1):
+        finer = level_nodes(root[0], enc.values, enc.value_weights, axis, subdivide=k)
+        count = evaluation_points(finer, enc.values, enc.value_weights, axis)[0].shape[0]
+        if count <= spare:
+            nodes, points = finer, count
+            break
     return _LevelPlan(root, axis, nodes, points)
 
 
