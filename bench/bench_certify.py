@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from usn_perception.allocator import keep_freed_memory  # noqa: E402
 from usn_perception.bounds.attack import empirical_range  # noqa: E402
 from usn_perception.certify import (  # noqa: E402
     NODE_BUDGET,
@@ -87,6 +88,40 @@ def memory_probe(model: str, size: tuple[int, int], threads: int) -> dict:
     return {'baseline_mb': base, 'node_mb': node - base, 'offline_mb': offline - base}
 
 
+def node_curve(det, images: list[np.ndarray], readout: str, budgets: str, say) -> None:
+    """Node-box tightness and time against the sub-box budget (interleaved with predict)."""
+    if not budgets:
+        return
+    emps = [empirical_range(det, img, NODE_BOX, readout=readout) for img in images]
+    say('Node box, tightness against the budget (median over each image\'s keypoints, then '
+        'over images; "pooled": over all keypoints):')
+    say()
+    say('| sub-boxes | level nodes | median tightness | pooled | per image | certify ms '
+        '(median) | ÷ predict |')
+    say('|---|---|---|---|---|---|---|')
+    for b in (int(v) for v in budgets.split(',')):
+        per, pooled, ms, ratio, nodes = [], [], [], [], []
+        for img, emp in zip(images, emps, strict=True):
+            def run(img=img, b=b):
+                return certify_keypoints(det, img, NODE_BOX, readout=readout, budget=Budget(b))
+
+            run()  # warm
+            tp, _ = timed(lambda img=img: det.predict(img, readout=readout), 5)
+            tc, cert = timed(run, 3)
+            tp2, _ = timed(lambda img=img: det.predict(img, readout=readout), 5)
+            r = ratios(cert.widths, emp.widths)
+            per.append(float(np.median(r)))
+            pooled.append(r)
+            ms.append(tc * 1000)
+            ratio.append(tc / (0.5 * (tp + tp2)))
+            nodes.append(cert.stats['level_nodes'])
+        say(f'| {b} | {"/".join(str(n) for n in nodes)} | **{np.median(per):.3g}** | '
+            f'{np.median(np.concatenate(pooled)):.3g} | '
+            f'{", ".join(f"{v:.3g}" for v in per)} | {np.median(ms):.0f} | '
+            f'{np.median(ratio):.1f}x |')
+    say()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--model', default=str(REPO / 'models' / 'default'))
@@ -97,9 +132,12 @@ def main() -> None:
     ap.add_argument('--offline-budgets', default='1,8,32,96')
     ap.add_argument('--scales', default='1e-5,1e-4,1e-3,1e-2,1',
                     help='node-box scale factors for the size sweep')
+    ap.add_argument('--node-budgets', default='3,8,12,16',
+                    help='sub-box budgets for the node-box tightness curve ("" = none)')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results_certify.md'))
     ap.add_argument('--memory-probe', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does
     torch.set_num_threads(args.threads)
     w, h = (int(v) for v in args.size.split('x'))
     if args.memory_probe:
@@ -151,6 +189,7 @@ def main() -> None:
         f'({np.median(node_ms):.0f} ms vs {np.median(node_pred):.1f} ms), tightness '
         f'**{np.median(node_tight):.3g}**')
     say()
+    node_curve(det, images, readout, args.node_budgets, say)
     probe = subprocess.run([sys.executable, __file__, '--memory-probe', '--model', args.model,
                             '--size', args.size, '--threads', str(args.threads)],
                            capture_output=True, text=True, check=True)

@@ -38,12 +38,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Tests run in parallel (xdist) on a 2-core machine: torch's default of one thread per core
     then oversubscribes the CPU, and its spinning threads made small models ~100x slower.
-    Subprocesses (the node, CLI runs) inherit OMP_NUM_THREADS=1.
+    Subprocesses (the node, CLI runs) inherit OMP_NUM_THREADS=1. Freed memory stays in the
+    process, as the CLI keeps it (``usn_perception.allocator``): the soundness tests run the
+    same batched certificates and attacks again and again.
     """
     os.environ['OMP_NUM_THREADS'] = '1'
     import torch
 
+    from usn_perception.allocator import keep_freed_memory
+
     torch.set_num_threads(1)
+    keep_freed_memory()
     wanted = ros_environment()
     for key, value in wanted.items():
         if key == 'ROS_DOMAIN_ID' and os.environ.get(key):

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from usn_perception.allocator import keep_freed_memory
 from usn_perception.cli.registry import COMMANDS
 from usn_perception.errors import UsnPerceptionError
 
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, dispatch, and turn expected errors into a message and exit status 1."""
     argv = join_negative_lists(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # batch jobs: reuse freed tensors' memory instead of faulting it in
     try:
         return int(args.func(args) or 0)
     except (UsnPerceptionError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
