@@ -10,7 +10,7 @@ cache (fetching the frames when missing), so it runs only with ``--bag``.
 
     python bench/run_all.py --list
     python bench/run_all.py                      # certify + node (about 15 minutes)
-    python bench/run_all.py --only node --data W/data/test/annotations.json
+    python bench/run_all.py --only node-scene0 --only cert-time --data W/data/test/annotations.json
 """
 
 from __future__ import annotations
