@@ -131,15 +131,18 @@ def _det(input_size=(32, 24)) -> Detector:
     return Detector(build_network(config).eval(), config)
 
 
+def _random_image(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Uniform pixels over the dtype's range (float: [0, 1))."""
+    if dtype == np.float64:
+        return rng.random(shape)
+    return rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+
+
 @pytest.mark.parametrize('shape, dtype', [((30, 40), np.uint8), ((30, 40, 3), np.uint8),
                                           ((50, 70), np.float64), ((23, 17, 3), np.float64),
                                           ((24, 32), np.uint16), ((24, 32, 1), np.uint8)])
 def test_encoding_reproduces_preprocessing(shape, dtype):
-    rng = np.random.default_rng(1)
-    if dtype == np.float64:
-        img = rng.random(shape)
-    else:
-        img = rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    img = _random_image(np.random.default_rng(1), shape, dtype)
     det = _det()
     enc = ImageEncoding(img, det.config.input_size)
     xf = img.astype(np.float64) / (np.iinfo(dtype).max if dtype != np.float64 else 1.0)
@@ -152,11 +155,7 @@ def test_encoding_reproduces_preprocessing(shape, dtype):
 @pytest.mark.parametrize('shape, dtype', [((30, 40), np.uint8), ((23, 17, 3), np.uint8),
                                           ((50, 70), np.float64), ((24, 32), np.uint16)])
 def test_threshold_deviations_are_the_differences_of_the_inputs(shape, dtype):
-    rng = np.random.default_rng(3)
-    if dtype == np.float64:
-        img = rng.random(shape)
-    else:
-        img = rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    img = _random_image(np.random.default_rng(3), shape, dtype)
     img.flat[:40] = 0  # some pixels at the clip values
     img.flat[-40:] = 1 if dtype == np.float64 else np.iinfo(dtype).max
     enc = ImageEncoding(img, _det().config.input_size)

@@ -87,15 +87,17 @@ NODES_PER_SUBBOX = 9
 LEVEL_NODES = 64
 #: Largest budget (sub-boxes) that uses level nodes. Measured on the node-box renders of
 #: bench/bench_certify.py: at 3 and 8 sub-boxes level nodes are both tighter and faster
-#: (session 8: median tightness 5.2 vs 119, 2.8 vs 7.4); at 16 and 32, with subdivided
-#: segments (below), too (session 11: 1.37 vs 1.74 and 1.39 vs 1.45, at half the time or
-#: less). Offline budgets (96) keep the partition.
+#: (session 8: median tightness 5.2 vs 119, 2.8 vs 7.4); beyond, with subdivided segments
+#: (below), too (session 11: 1.33 vs 1.74 at 16 sub-boxes, in half the time; the partition
+#: needs 32 sub-boxes, 124x predict, for 1.45). Offline budgets (96) keep the partition.
 LEVEL_MAX_SUBBOXES = 32
-#: Nodes per sub-box of the budget that subdividing segments may add up to (each segment is
-#: cut into at most LEVEL_SUBDIVIDE equal parts): a budget with more leaves than the natural
+#: Nodes per sub-box of the budget that subdividing segments may add up to (each segment cut
+#: into at most LEVEL_SUBDIVIDE equal parts): a budget with more leaves than the natural
 #: nodes can use spends them on shorter segments, whose chord gaps are smaller. Measured on
-#: the same renders (session 11): 12 sub-boxes, 41 nodes 1.61 (21x predict), 16 sub-boxes,
-#: 61 nodes 1.37 (31x), against 2.2 (23x) for 16 sub-boxes on the 21 natural nodes.
+#: the same renders (session 11): 12 sub-boxes 1.40 (19.8x predict), 16 sub-boxes 1.33
+#: (28.6x), against 2.2 (23x) for 16 sub-boxes on the natural nodes. Only budgets without a
+#: time limit subdivide: a time-limited one is sized by its cost per sub-box, which
+#: subdividing would change from one sub-box count to the next.
 SUBDIVIDE_NODES_PER_SUBBOX = 4
 LEVEL_SUBDIVIDE = 3
 
@@ -333,6 +335,8 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
         return None
     # Leaves to spare: cut every segment into k parts, as many nodes as the budget allows.
     spare = min(cap, SUBDIVIDE_NODES_PER_SUBBOX * budget.max_subboxes)
+    if budget.max_ms is not None:
+        spare = 0  # sized by time (the node): keep the cost per sub-box what was measured
     for k in range(min(LEVEL_SUBDIVIDE, spare // points), 1, -1):
         finer = level_nodes(root[0], enc.values, enc.value_weights, axis, subdivide=k)
         count = evaluation_points(finer, enc.values, enc.value_weights, axis)[0].shape[0]
