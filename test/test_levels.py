@@ -98,7 +98,7 @@ def test_radius_groups_are_contiguous_and_cover_every_segment():
 @pytest.mark.parametrize('groups', [None, 1, 2])
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark'), (3, 'bright')])
 def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precision, reuse,
-                                                      subdivide):
+                                                     subdivide):
     det = homogeneous_shallow(seed)
     image = one_sided(seed, side)
     enc = ImageEncoding(image, det.config.input_size)
