@@ -132,10 +132,21 @@ class ImageEncoding:
             hit = moved[self.index].any(1)
         return torch.nonzero(hit)[:, 0]
 
-    def _gather(self, table: torch.Tensor) -> torch.Tensor:
-        """(V, D) per-value table → (D, 1, H, W) preprocessed network inputs."""
-        out = F.embedding_bag(self.index, table, per_sample_weights=self.weights, mode='sum')
-        return out.T.reshape(-1, *self.shape)
+    def _gather(self, table: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(V, D) per-value table → (D, 1, H, W) preprocessed network inputs.
+
+        ``rows``: gather only these network-input pixels; the others are 0.
+        """
+        if rows is None:
+            out = F.embedding_bag(self.index, table, per_sample_weights=self.weights, mode='sum')
+            return out.T.reshape(-1, *self.shape)
+        out = table.new_zeros((table.shape[1], self.index.shape[0]))
+        if rows.numel():
+            part = F.embedding_bag(self.index.index_select(0, rows), table,
+                                   per_sample_weights=self.weights.index_select(0, rows),
+                                   mode='sum')
+            out.index_copy_(1, rows, part.T)
+        return out.reshape(-1, *self.shape)
 
     def evaluate(self, theta: torch.Tensor) -> torch.Tensor:
         """Network inputs (N, 1, H, W) of the perturbed image at each θ of ``theta`` (N, 2)."""
@@ -261,14 +272,7 @@ class ImageEncoding:
         """
         u = torch.clamp(self.values[None, :], min=taus[:, None], max=kappas[:, None])
         diff = u[1:] - u[:1]  # (P − 1, V)
-        out = diff.new_zeros((diff.shape[0], self.index.shape[0]))
-        rows = self.rows_using((diff != 0).any(0))
-        if rows.numel():
-            part = F.embedding_bag(self.index.index_select(0, rows), diff.T.contiguous(),
-                                   per_sample_weights=self.weights.index_select(0, rows),
-                                   mode='sum')
-            out.index_copy_(1, rows, part.T)
-        return out.reshape(-1, *self.shape)
+        return self._gather(diff.T.contiguous(), rows=self.rows_using((diff != 0).any(0)))
 
     def threshold_intervals(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """IBP input in clip-threshold coordinates: constant centre and radius forms."""
