@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--cpu-hogs', type=int, default=0,
                     help='busy-loop processes running during the measurement (other load '
                          'on the machine, e.g. 1 on two cores)')
+    ap.add_argument('--mem-every', type=float, default=1.0,
+                    help='seconds between memory samples (each walks the page tables of the '
+                         'node and its workers)')
     ap.add_argument('--rss-csv', type=Path, help='write the RSS curve here')
     ap.add_argument('--rss-png', type=Path, help='plot the RSS curve here')
     args = ap.parse_args(argv)
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         probe.create_timer(1.0 / args.rate, publish)
         cpu0, _ = _proc_sample(node_proc.pid)
         t0 = time.monotonic()
-        sampler = MemorySampler(node_proc.pid)
+        sampler = MemorySampler(node_proc.pid, args.mem_every)
         sampler.start()
 
         def running() -> bool:

@@ -9,7 +9,7 @@ pruned-vs-unpruned certification time. The bag benchmark records its own bag fro
 cache (fetching the frames when missing), so it runs only with ``--bag``.
 
     python bench/run_all.py --list
-    python bench/run_all.py                      # certify + node (about 15 minutes)
+    python bench/run_all.py                      # certify + node + node tightness (~20 minutes)
     python bench/run_all.py --only node-scene0 --only cert-time --data W/data/test/annotations.json
 """
 
@@ -55,6 +55,11 @@ def benchmarks(data: str | None) -> list[Benchmark]:
                               '--rate', '30', '--size', '640x480', '--scene', str(scene)),
                              f'bench/results_node_scene{scene}.json', ros=True,
                              stdout_to=f'bench/results_node_scene{scene}.json'))
+    out.append(Benchmark('node-tightness', ('bench_node_tightness.py', '--model', default,
+                                            '--scenes', '0,1', '--frames', '4', '--budgets',
+                                            '4,8,16,24,32', '--out',
+                                            'bench/results_node_tightness.md'),
+                         'bench/results_node_tightness.md'))
     out.append(Benchmark('cert-time', ('bench_cert_time.py', '--model', default, '--model',
                                        unpruned, '--data', data or '<--data>', '--first', '20',
                                        '--count', '10', '--exact-values', '12', '--precision',

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / 'bench'))
 
+from bench_node import MemorySampler  # noqa: E402
 from run_all import benchmarks, main  # noqa: E402
 
 BENCHES = benchmarks('data.json')
@@ -40,3 +43,16 @@ def test_run_all_lists_skips_and_refuses(capsys, tmp_path):
     # Data benchmarks without their data are skipped, not failed.
     assert main(['--only', 'cert-time', '--only', 'bag']) == 0
     assert capsys.readouterr().out.count('skipped') == 2
+
+
+def test_memory_sampler_samples_on_its_own_thread_until_stopped():
+    sampler = MemorySampler(os.getpid(), period=0.01)
+    sampler.start()
+    time.sleep(0.2)  # the caller's loop runs meanwhile
+    curve = sampler.stop()
+    assert not sampler.is_alive()
+    assert len(curve) >= 3
+    times = [t for t, _ in curve]
+    assert times == sorted(times) and times[0] < 0.05
+    assert all(mem > 10 * 2**20 for _, mem in curve)  # this interpreter's memory, in bytes
+    assert len(sampler.curve) == len(curve)  # nothing sampled after stop()

@@ -1,0 +1,144 @@
+"""Tightness of the node's own certificates, on the frames and Θ boxes the node measures.
+
+``bench_certify.py`` measures tightness on test renders over a fixed node-sized box; this
+script measures it where the node works: frames of ``bench_node.py``'s stream (a target render
+under the slow brightness/contrast swing), each certified by :class:`FramePipeline` exactly as
+a node worker does (Θ measured over the sliding window, the budget sized by time, the shipped
+settings), against the empirical range over that frame's measured Θ (dense θ grid plus the
+attack, :func:`~usn_perception.bounds.attack.empirical_range`). For reference the same frame
+and Θ are also certified at fixed sub-box budgets without a time limit (``--budgets``).
+
+    python bench/bench_node_tightness.py --scenes 0,1 --frames 6 --budgets 4,8,16 \\
+        --out bench/results_node_tightness.md
+
+Tightness of a keypoint: half-perimeter of the certified box over that of the empirical one
+(as in ``bench_certify.py``), both in image pixels. Times are single-thread, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_certify import ratios  # noqa: E402
+from bench_node import _frames  # noqa: E402
+
+from usn_perception.bounds.attack import empirical_range  # noqa: E402
+from usn_perception.bounds.box import Budget  # noqa: E402
+from usn_perception.certify import certify_keypoints  # noqa: E402
+from usn_perception.detector import load_detector  # noqa: E402
+from usn_perception.pipeline import FramePipeline, PipelineSettings  # noqa: E402
+
+#: The shipped node's certification settings (config/usn_perception.yaml).
+NODE_SETTINGS = PipelineSettings(budget_ms=40.0, max_width_px=20.0)
+
+
+def _widths(boxes: np.ndarray) -> np.ndarray:
+    """(K, 2) widths (x, y) of (K, 4) [u_lo, u_hi, v_lo, v_hi] boxes."""
+    return np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], -1)
+
+
+def _ms(fn, *args) -> float:
+    """Wall time of one call, in milliseconds."""
+    t = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement and write the Markdown report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--model', default='models/default')
+    ap.add_argument('--scenes', default='0,1', help='bench_node.py scenes, comma-separated')
+    ap.add_argument('--frames', type=int, default=6, help='frames measured per scene')
+    ap.add_argument('--size', default='640x480')
+    ap.add_argument('--swing', default='0.03,0.01,10', help="as bench_node.py's --swing")
+    ap.add_argument('--budgets', default='4,8,16',
+                    help='fixed sub-box budgets (no time limit) to certify the same frames at')
+    ap.add_argument('--out', type=Path, help='write the Markdown report here')
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    width, height = (int(v) for v in args.size.split('x'))
+    amp_a, amp_b, period = (float(v) for v in args.swing.split(','))
+    rate = 30.0
+    n_stream = max(1, round(period * rate))
+    budgets = [int(b) for b in args.budgets.split(',') if b]
+    det = load_detector(args.model)
+    lines: list[str] = []
+
+    def say(s: str = '') -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    say('# Tightness of the node\'s certificates on its own frames')
+    say()
+    say(f'Command: `python bench/{Path(__file__).name} {" ".join(argv or sys.argv[1:])}`  ')
+    say(f'Machine: {platform.machine()}, torch {torch.__version__}, 1 thread  ')
+    say(f'Model: `{det.source}` ({det!r}); stream: {width}x{height} mono8 at {rate:g} Hz, '
+        f'swing α = 1 ± {amp_a:g}, β = ±{amp_b:g} over {period:g} s; node settings: '
+        f'budget_ms {NODE_SETTINGS.budget_ms:g}, shipped defaults otherwise')
+    say()
+    head = ('| scene | frame | measured Θ (α; β) | level nodes | node certify ms | '
+            'predict ms | node tightness | node box px | empirical px |'
+            + ''.join(f' {b} sub-boxes | ms |' for b in budgets))
+    say(head)
+    say('|' + '---|' * (9 + 2 * len(budgets)))
+    summary: dict[str, list[float]] = {'node': []}
+    summary.update({str(b): [] for b in budgets})
+    cost: dict[str, list[float]] = {k: [] for k in summary}
+    for scene in (int(s) for s in args.scenes.split(',')):
+        frames = _frames(width, height, n_stream, scenes=1, first=scene, swing=(amp_a, amp_b))
+        pipe = FramePipeline(det, NODE_SETTINGS)
+        # Measure from the third second on (the window has filled), spread over one period.
+        start = 2 * int(rate)
+        picks = set(np.linspace(start, start + n_stream - 1, args.frames).round().astype(int))
+        for i in range(start + n_stream):
+            img = np.frombuffer(frames[i % n_stream], np.uint8).reshape(height, width)
+            result = pipe.process(img, i / rate)
+            if i not in picks:
+                continue
+            box = result.interval.as_box()
+            emp = empirical_range(det, img, box).widths
+            predict_ms = float(np.median([_ms(det.predict, img) for _ in range(5)]))
+            node_r = ratios(_widths(result.boxes), emp)
+            summary['node'].append(float(np.median(node_r)))
+            cost['node'].append(result.timings_ms['certify'])
+            cells = []
+            for b in budgets:
+                t = time.perf_counter()
+                cert = certify_keypoints(det, img, box, budget=Budget(b))
+                ms = (time.perf_counter() - t) * 1e3  # one run: these take 30-100 ms
+                r = float(np.median(ratios(cert.widths, emp)))
+                summary[str(b)].append(r)
+                cost[str(b)].append(ms)
+                cells.append(f' {r:.3g} | {ms:.0f} |')
+            say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
+                f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
+                f'{result.certify_stats.get("level_nodes", 0)} | '
+                f'{result.timings_ms["certify"]:.1f} | {predict_ms:.1f} | '
+                f'**{np.median(node_r):.3g}** | {np.median(_widths(result.boxes).max(1)):.3g} | '
+                f'{np.median(emp.max(1)):.3g} |' + ''.join(cells))
+    say()
+    say('Median over frames (each frame: the median over its keypoints):')
+    say()
+    say('| budget | median tightness | certify ms (median) |')
+    say('|---|---|---|')
+    for key, vals in summary.items():
+        label = 'node (time-sized)' if key == 'node' else f'{key} sub-boxes, no time limit'
+        say(f'| {label} | **{np.median(vals):.3g}** | {np.median(cost[key]):.0f} |')
+    if args.out:
+        args.out.write_text('\n'.join(lines) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
