@@ -57,7 +57,7 @@ def benchmarks(data: str | None) -> list[Benchmark]:
                              stdout_to=f'bench/results_node_scene{scene}.json'))
     out.append(Benchmark('node-tightness', ('bench_node_tightness.py', '--model', default,
                                             '--scenes', '0,1', '--frames', '4', '--budgets',
-                                            '4,8,16,24,32', '--out',
+                                            '4,8,12,16,24', '--out',
                                             'bench/results_node_tightness.md'),
                          'bench/results_node_tightness.md'))
     out.append(Benchmark('cert-time', ('bench_cert_time.py', '--model', default, '--model',

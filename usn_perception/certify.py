@@ -99,9 +99,12 @@ LEVEL_MAX_SUBBOXES = 32
 #: the same renders (session 11): 12 sub-boxes 1.40 (19.8x predict), 16 sub-boxes 1.33
 #: (28.6x), against 2.2 (23x) for 16 sub-boxes on the natural nodes. Only budgets without a
 #: time limit subdivide: a time-limited one is sized by its cost per sub-box, which
-#: subdividing would change from one sub-box count to the next.
+#: subdividing would change from one sub-box count to the next. LEVEL_SUBDIVIDE was 3 until
+#: session 12: on the node's own frames (6-7 natural nodes, bench/bench_node_tightness.py)
+#: that capped the curve at 1.56 from 24 sub-boxes on; with 6, 1.45 at 12 sub-boxes (~17x
+#: predict) and 1.34 at 16.
 SUBDIVIDE_NODES_PER_SUBBOX = 4
-LEVEL_SUBDIVIDE = 3
+LEVEL_SUBDIVIDE = 6
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
