@@ -8,7 +8,7 @@ settings), against the empirical range over that frame's measured Θ (dense θ g
 attack, :func:`~usn_perception.bounds.attack.empirical_range`). For reference the same frame
 and Θ are also certified at fixed sub-box budgets without a time limit (``--budgets``).
 
-    python bench/bench_node_tightness.py --scenes 0,1 --frames 6 --budgets 4,8,16 \\
+    python bench/bench_node_tightness.py --scenes 0,1 --frames 4 --budgets 4,8,12,16,24 \\
         --out bench/results_node_tightness.md
 
 Tightness of a keypoint: half-perimeter of the certified box over that of the empirical one
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--model', default='models/default')
     ap.add_argument('--scenes', default='0,1', help='bench_node.py scenes, comma-separated')
-    ap.add_argument('--frames', type=int, default=6, help='frames measured per scene')
+    ap.add_argument('--frames', type=int, default=4, help='frames measured per scene')
     ap.add_argument('--size', default='640x480')
     ap.add_argument('--swing', default='0.03,0.01,10', help="as bench_node.py's --swing")
-    ap.add_argument('--budgets', default='4,8,16',
+    ap.add_argument('--budgets', default='4,8,12,16,24',
                     help='fixed sub-box budgets (no time limit) to certify the same frames at')
     ap.add_argument('--out', type=Path, help='write the Markdown report here')
     args = ap.parse_args(argv)
