@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / 'bench'))
 
-from bench_node import MemorySampler  # noqa: E402
+from bench_node import MemorySampler, stage_medians  # noqa: E402
 from run_all import benchmarks, main  # noqa: E402
 
 BENCHES = benchmarks('data.json')
@@ -56,3 +56,10 @@ def test_memory_sampler_samples_on_its_own_thread_until_stopped():
     assert times == sorted(times) and times[0] < 0.05
     assert all(mem > 10 * 2**20 for _, mem in curve)  # this interpreter's memory, in bytes
     assert len(sampler.curve) == len(curve)  # nothing sampled after stop()
+
+
+def test_stage_medians_summarise_every_window():
+    windows = [{'certify_p95_ms': 30.0, 'infer_p50_ms': 5.0}, {'certify_p95_ms': 50.0},
+               {'certify_p95_ms': 40.0, 'infer_p50_ms': 7.0}]
+    assert stage_medians(windows) == {'certify_p95_ms': 40.0, 'infer_p50_ms': 6.0}
+    assert stage_medians([]) == {}
