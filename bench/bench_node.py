@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--rss-csv', type=Path, help='write the RSS curve here')
     ap.add_argument('--rss-png', type=Path, help='plot the RSS curve here')
     args = ap.parse_args(argv)
+    if not args.mem_every > 0:
+        ap.error(f'--mem-every must be positive, got {args.mem_every}')
     if os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE') != 'LOCALHOST':
         print('source env.sh first (DDS must stay on loopback)', file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / 'bench'))
 
 from bench_node import MemorySampler, stage_medians  # noqa: E402
+from bench_node import main as bench_node_main  # noqa: E402
 from run_all import benchmarks, main  # noqa: E402
 
 BENCHES = benchmarks('data.json')
@@ -63,3 +64,9 @@ def test_stage_medians_summarise_every_window():
                {'certify_p95_ms': 40.0, 'infer_p50_ms': 7.0}]
     assert stage_medians(windows) == {'certify_p95_ms': 40.0, 'infer_p50_ms': 6.0}
     assert stage_medians([]) == {}
+
+
+def test_bench_node_refuses_a_sampling_period_that_would_spin():
+    with pytest.raises(SystemExit) as exc:
+        bench_node_main(['--mem-every', '0'])
+    assert exc.value.code == 2
