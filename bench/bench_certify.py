@@ -57,6 +57,22 @@ def ratios(cert_widths: np.ndarray, emp_widths: np.ndarray) -> np.ndarray:
     return cert_widths.sum(1) / np.maximum(emp_widths.sum(1), EMPIRICAL_FLOOR_PX)
 
 
+class Report:
+    """A Markdown report printed as it is written: ``report(line)``, then :meth:`write`."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = '') -> None:
+        """Print one line and keep it."""
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def write(self, path: str | Path) -> None:
+        """The whole report to ``path``."""
+        Path(path).write_text('\n'.join(self.lines) + '\n')
+
+
 def peak_rss_mb() -> float:
     """Peak RSS of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
     for line in Path('/proc/self/status').read_text().splitlines():
@@ -147,12 +163,7 @@ def main() -> None:
     readout = args.readout or det.readout
     images = test_images(args.images, (w, h))
     det.predict(images[0])
-    lines: list[str] = []
-
-    def say(s: str = '') -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    say = Report()
     say('# Certification benchmark')
     say()
     say(f'Command: `python bench/bench_certify.py {" ".join(sys.argv[1:])}`  ')
@@ -239,7 +250,7 @@ def main() -> None:
             es.append(emp.widths.mean())
         say(f'| {f:g} | {0.05 * f:.2g} | {np.median(np.concatenate(rs)):.3g} | '
             f'{np.mean(ws):.3g} | {np.mean(es):.3g} |')
-    Path(args.out).write_text('\n'.join(lines) + '\n')
+    say.write(args.out)
     print(f'wrote {args.out}')
 
 

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_certify import ratios  # noqa: E402
+from bench_certify import Report, ratios  # noqa: E402
 from bench_node import _frames  # noqa: E402
 
 from usn_perception.bounds.attack import empirical_range  # noqa: E402
@@ -73,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     n_stream = max(1, round(period * rate))
     budgets = [int(b) for b in args.budgets.split(',') if b]
     det = load_detector(args.model)
-    lines: list[str] = []
-
-    def say(s: str = '') -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    say = Report()
     say('# Tightness of the node\'s certificates on its own frames')
     say()
     say(f'Command: `python bench/{Path(__file__).name} {" ".join(argv or sys.argv[1:])}`  ')
@@ -136,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         label = 'node (time-sized)' if key == 'node' else f'{key} sub-boxes, no time limit'
         say(f'| {label} | **{np.median(vals):.3g}** | {np.median(cost[key]):.0f} |')
     if args.out:
-        args.out.write_text('\n'.join(lines) + '\n')
+        say.write(args.out)
     return 0
 
 
