@@ -181,7 +181,8 @@ def test_every_setting_survives_node_parameters_and_the_info_document(model):
     from usn_perception.ros.node import PARAMETERS, settings_from
 
     odd = PipelineSettings(readout='argmax', certify=True, method='ibp', max_subboxes=7,
-                           budget_ms=12.5, max_width_px=3.5, exact_values=3, level_nodes=5,
+                           budget_ms=12.5, deadline_ms=30.0, max_width_px=3.5,
+                           exact_values=3, level_nodes=5,
                            precision='float64', score_threshold=0.25,
                            interval=IntervalSettings(mode='fixed', fixed_alpha=(0.9, 1.3),
                                                      fixed_beta=(-0.05, 0.07),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,36 @@ def test_reported_arrivals_give_the_camera_period_not_the_processing_one(detecto
     assert alone.frame_period_ms == pytest.approx(2000 / 30)
 
 
+def test_deadline_counts_from_arrival_and_skips_what_cannot_fit(detector: Detector):
+    frames = _frames(3)
+    pipe = FramePipeline(detector, PipelineSettings(max_subboxes=1, deadline_ms=1e4))
+    free = FramePipeline(detector, FAST)
+    on_time = pipe.process(frames[0], 0.0)  # arrived now: plenty of time
+    ref = free.process(frames[0], 0.0)
+    np.testing.assert_array_equal(on_time.boxes, ref.boxes)
+    np.testing.assert_array_equal(on_time.status, ref.status)
+    assert on_time.certified.any() and on_time.certify_stats['budget']['max_ms'] <= 1e4
+    learned = pipe.ms_per_subbox
+    # Arrived 11 s ago: past the deadline, nothing is certified and the keypoints still come.
+    late = pipe.process(frames[1], 1 / 30, arrived=time.monotonic() - 11.0)
+    assert (late.status == CertStatus.OUT_OF_BUDGET).all() and np.isnan(late.boxes).all()
+    assert late.certify_stats == {'stopped': 'deadline', 'ms': 0.0}
+    np.testing.assert_allclose(late.keypoints, detector.predict(frames[1]))
+    assert pipe.ms_per_subbox == learned  # nothing ran: nothing learned
+    # Less left than the recent certificates took: not started either.
+    pipe.ms_per_subbox = 5e3
+    tight = pipe.process(frames[2], 2 / 30, arrived=time.monotonic() - 6.0)
+    assert tight.certify_stats['stopped'] == 'deadline'
+    # Enough left: the certificate gets what is left, capped by budget_ms.
+    pipe.configure(budget_ms=50.0)
+    pipe.ms_per_subbox = 1.0
+    capped = pipe.process(frames[2], 3 / 30, arrived=time.monotonic() - 1.0)
+    assert capped.certify_stats['budget']['max_ms'] == 50.0
+    pipe.configure(budget_ms=None)
+    left = pipe.process(frames[2], 4 / 30, arrived=time.monotonic() - 9.0)
+    assert 0.0 < left.certify_stats['budget']['max_ms'] < 1e3
+
+
 def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     pipe = FramePipeline(detector, FAST)
     pipe.process(_frames(1)[0], 0.0)
@@ -180,6 +212,8 @@ def test_bad_frames_raise_and_leave_the_window_alone(detector: Detector):
     ({'readout': 'median'}, 'readout'),
     ({'method': 'magic'}, 'method'),
     ({'budget_ms': -1.0}, 'budget_ms'),
+    ({'deadline_ms': 0.0}, 'deadline_ms'),
+    ({'deadline_ms': float('inf')}, 'deadline_ms'),
     ({'max_subboxes': 0}, 'max_subboxes'),
     ({'max_width_px': 0.0}, 'max_width_px'),
     ({'score_threshold': 1.5}, 'score_threshold'),

@@ -57,7 +57,8 @@ RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 BEST_EFFORT = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
 # The tiny random model's sound boxes are wide: the protocol tests report them CERTIFIED (no
 # width limit); test_wide_boxes_are_not_certified_by_default checks the shipped limit.
-FAST = {'certify.max_subboxes': 1, 'certify.budget_ms': 0.0, 'certify.max_width_px': 0.0,
+FAST = {'certify.max_subboxes': 1, 'certify.budget_ms': 0.0, 'certify.deadline_ms': 0.0,
+        'certify.max_width_px': 0.0,
         'diagnostics_period_s': 0.5, 'workers': 1}
 
 
@@ -250,6 +251,26 @@ def test_worker_processes_publish_every_frame_in_order_with_its_header(harness):
     assert h.node.pool is None
 
 
+def test_a_frame_past_its_deadline_is_published_uncertified_and_counted(harness):
+    # A deadline no certificate can meet: the workers still publish every frame's keypoints,
+    # at once, with status OUT_OF_BUDGET, and the node counts them; lifting it certifies again.
+    h = harness(workers=2, **{'certify.deadline_ms': 0.001}).start()
+    clouds = h.listen(PointCloud2, f'{NS}/keypoints')
+    pub = h.probe.create_publisher(Image, 'image', RELIABLE)
+    send = h.sender(pub, [])
+    assert h.spin_until(lambda: len(clouds) >= 4, each=send, period=0.01, timeout=60.0)
+    for msg in clouds:
+        dec = decode_keypoints(msg)
+        assert (dec.status == 2).all() and np.isnan(dec.boxes).all()  # OUT_OF_BUDGET
+        assert np.isfinite(dec.keypoints).all()
+    assert h.node.stats.counts['out_of_budget'] >= 4 * len(dec.status)
+    assert h.node.set_parameters([Parameter('certify.deadline_ms', value=0.0)])[0].successful
+    before = len(clouds)
+    assert h.spin_until(lambda: len(clouds) >= before + 6, each=send, period=0.01)
+    assert (decode_keypoints(clouds[-1]).status == 1).all()  # CERTIFIED (no width limit)
+    assert h.node.stats.counts['errors'] == 0
+
+
 def test_reliable_and_best_effort_publishers_are_both_received(harness):
     h = harness().start()
     clouds = h.listen(PointCloud2, f'{NS}/keypoints')
@@ -420,7 +441,7 @@ def test_installed_node_runs_as_the_launch_file_starts_it(
     assert params.is_file()
     cmd = (f'source "{ws}/install/setup.bash" && exec "{exe}" --ros-args --params-file '
            f'"{params}" -r image:=/cam/image -p model_path:={tiny_model} '
-           '-p certify.max_subboxes:=1 -p certify.budget_ms:=0.0')
+           '-p certify.max_subboxes:=1 -p certify.budget_ms:=0.0 -p certify.deadline_ms:=0.0')
     proc = subprocess.Popen(['bash', '-c', cmd], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     ctx = Context()

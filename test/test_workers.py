@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from usn_perception.certify import CertStatus
 from usn_perception.detector import load_detector
 from usn_perception.pipeline import FramePipeline, PipelineSettings
 from usn_perception.workers import WorkerError, WorkerPool
@@ -71,6 +72,21 @@ def test_workers_certify_exactly_as_one_pipeline_does(pool, tiny_model: Path):
         np.testing.assert_array_equal(got.boxes, want.boxes)
         np.testing.assert_array_equal(got.status, want.status)
         assert got.interval.as_box() == want.interval.as_box()
+
+
+def test_the_arrival_time_reaches_the_worker(pool):
+    # The deadline counts from when the frame arrived at the caller, in another process.
+    workers = pool(settings=PipelineSettings(max_subboxes=1, deadline_ms=5e3))
+    measure = FramePipeline(load_detector(workers._args[0]), SETTINGS)
+    frame = _frames(1)[0]
+    estimate = measure.measure(frame, 0.0)
+    late = workers.submit(frame, 0.0, estimate, time.monotonic() - 10.0)
+    got = _outcomes(workers, 1)[late].result
+    assert got.certify_stats.get('stopped') == 'deadline'
+    assert (got.status == CertStatus.OUT_OF_BUDGET).all()
+    fresh = workers.submit(frame, 0.1, estimate)  # arrived now
+    got = _outcomes(workers, 1)[fresh].result
+    assert got.certified.any() and 'max_ms' in got.certify_stats['budget']
 
 
 def test_measure_then_process_is_process(tiny_model: Path):

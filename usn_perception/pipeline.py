@@ -45,7 +45,11 @@ class PipelineSettings:
     ``certify``: run certification at all (else every status is SKIPPED). ``method``,
     ``max_subboxes``, ``budget_ms`` (wall-clock limit, None = none; with a limit the number of
     sub-boxes per frame follows the time the previous frames took, see
-    :meth:`FramePipeline.subboxes_for_next_frame`), ``max_width_px``
+    :meth:`FramePipeline.subboxes_for_next_frame`), ``deadline_ms`` (None = none: the
+    certificate must be done this long after the frame *arrived*, so a frame that waited or
+    predicted slowly gets what is left, at most ``budget_ms``; one with too little left is not
+    certified, status OUT_OF_BUDGET: online, a late certificate is worth less than a timely
+    keypoint), ``max_width_px``
     (wider boxes are NOT_CERTIFIED, None = no limit), ``exact_values``, ``level_nodes`` and
     ``precision`` go to
     :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
@@ -58,6 +62,7 @@ class PipelineSettings:
     method: str = 'forward'
     max_subboxes: int = 5
     budget_ms: float | None = None
+    deadline_ms: float | None = None
     max_width_px: float | None = None
     exact_values: int = EXACT_VALUES
     level_nodes: int = LEVEL_NODES
@@ -74,6 +79,9 @@ class PipelineSettings:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms)
                                                and self.budget_ms > 0):
             raise ValueError(f'budget_ms must be positive or None, got {self.budget_ms}')
+        if self.deadline_ms is not None and not (math.isfinite(self.deadline_ms)
+                                                 and self.deadline_ms > 0):
+            raise ValueError(f'deadline_ms must be positive or None, got {self.deadline_ms}')
         if self.max_width_px is not None and not (math.isfinite(self.max_width_px)
                                                   and self.max_width_px > 0):
             raise ValueError(f'max_width_px must be positive or None, got {self.max_width_px}')
@@ -253,6 +261,7 @@ class FramePipeline:
             'status_codes': {c.name: int(c) for c in CertStatus},
             'certify': {'enabled': s.certify, 'method': s.method,
                         'max_subboxes': s.max_subboxes, 'budget_ms': s.budget_ms,
+                        'deadline_ms': s.deadline_ms,
                         'max_width_px': s.max_width_px, 'exact_values': s.exact_values,
                         'level_nodes': s.level_nodes,
                         'score_threshold': s.score_threshold, 'precision': s.precision,
@@ -277,17 +286,36 @@ class FramePipeline:
         check_image(image)
         return self.interval.update(image, stamp)
 
+    def _certify_ms(self, arrived: float, subboxes: int) -> float | None:
+        """Milliseconds the certificate may take now (None: no limit; 0: do not start).
+
+        ``budget_ms`` caps it; ``deadline_ms`` after ``arrived`` ends it. What is left of the
+        deadline must cover the recent cost of ``subboxes`` (when known): a certificate that
+        is stopped half-way certifies nothing and only takes a core from the next frame.
+        """
+        s = self._settings
+        if s.deadline_ms is None:
+            return s.budget_ms
+        left = s.deadline_ms - (time.monotonic() - arrived) * 1e3
+        need = 0.0 if self.ms_per_subbox is None else self.ms_per_subbox * subboxes
+        if left <= max(need, 0.0):
+            return 0.0
+        return left if s.budget_ms is None else min(s.budget_ms, left)
+
     @torch.inference_mode()  # every tensor of a frame is made and dropped here
     def process(self, image: np.ndarray, stamp: float, *,
-                interval: IntervalEstimate | None = None) -> FrameResult:
+                interval: IntervalEstimate | None = None,
+                arrived: float | None = None) -> FrameResult:
         """Run one frame (HxW or HxWx3 RGB; uint8, uint16 or float in [0, 1]).
 
         ``interval``: Θ already measured for this frame (:meth:`measure`, possibly by
-        another pipeline); None measures it here. Raises
+        another pipeline); None measures it here. ``arrived``: ``time.monotonic()`` when the
+        frame arrived, which ``deadline_ms`` counts from (None: now). Raises
         :class:`~usn_perception.errors.ImageError` on a bad frame (nothing is kept from it),
         and whatever the certifier raises on an internal failure.
         """
         s = self._settings
+        arrived = time.monotonic() if arrived is None else float(arrived)
         t0 = time.perf_counter()
         n = self.subboxes_for_next_frame()
         # validates the whole frame; the trace lets the level nodes skip one network run
@@ -301,16 +329,22 @@ class FramePipeline:
         status = np.full(k, int(CertStatus.SKIPPED), dtype=np.uint8)
         stats: dict = {}
         wanted = pred.scores >= s.score_threshold
-        if s.certify and wanted.any():
+        limit_ms = self._certify_ms(arrived, n) if s.certify and wanted.any() else None
+        if limit_ms == 0.0:  # past the deadline, or too close to it: not started
+            status[wanted] = int(CertStatus.OUT_OF_BUDGET)
+            stats = {'stopped': 'deadline', 'ms': 0.0}
+        elif s.certify and wanted.any():
             cert = certify_keypoints(self.detector, image, estimate.as_box(), readout=s.readout,
                                      method=s.method,
-                                     budget=Budget(max_subboxes=n, max_ms=s.budget_ms),
+                                     budget=Budget(max_subboxes=n, max_ms=limit_ms),
                                      max_width_px=s.max_width_px,
                                      exact_values=s.exact_values, level_nodes=s.level_nodes,
                                      nominal=pred.keypoints,
                                      nominal_heatmaps=pred.heatmaps,
                                      nominal_trace=pred.trace, precision=s.precision)
-            self._learn_cost(n, cert.stats['ms'])
+            if not (cert.stats.get('stopped') == 'time' and limit_ms != s.budget_ms):
+                # (a certificate the deadline cut short says nothing of what one costs)
+                self._learn_cost(n, cert.stats['ms'])
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]
             stats = cert.stats

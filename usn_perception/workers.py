@@ -71,11 +71,11 @@ def _serve(conn: Connection, model_path: str, device: str, num_threads: int,
         if kind == 'settings':
             pipeline.configure(msg[1])
             continue
-        _, ticket, image, stamp, interval, arrivals = msg
+        _, ticket, image, stamp, interval, arrived, arrivals = msg
         for arrival in arrivals:
             pipeline.note_arrival(arrival)
         try:
-            result = pipeline.process(image, stamp, interval=interval)
+            result = pipeline.process(image, stamp, interval=interval, arrived=arrived)
         except ImageError as exc:
             conn.send(('error', ticket, True, str(exc)))
         except Exception as exc:  # noqa: BLE001 - one frame's failure, reported with it
@@ -175,11 +175,15 @@ class WorkerPool:
                 pending.append(float(stamp))
                 del pending[:-64]  # a worker far behind needs only the recent intervals
 
-    def submit(self, image: np.ndarray, stamp: float, interval: IntervalEstimate) -> int:
+    def submit(self, image: np.ndarray, stamp: float, interval: IntervalEstimate,
+               arrived: float | None = None) -> int:
         """Give a frame and its measured Θ to an idle worker; returns its ticket.
 
-        Raises WorkerError when no worker is idle.
+        ``arrived``: ``time.monotonic()`` when the frame arrived (None: now), which the
+        settings' ``deadline_ms`` counts from (the clock is the machine's, the same in every
+        process). Raises WorkerError when no worker is idle.
         """
+        arrived = time.monotonic() if arrived is None else float(arrived)
         with self._lock:
             index = next((i for i, w in enumerate(self._workers) if w.state == 'idle'), None)
             if index is None:
@@ -189,7 +193,8 @@ class WorkerPool:
             self._next_ticket += 1
             arrivals, self._arrivals[index] = self._arrivals[index], []
             worker.state, worker.ticket = 'busy', ticket
-            worker.conn.send(('frame', ticket, image, float(stamp), interval, arrivals))
+            worker.conn.send(('frame', ticket, image, float(stamp), interval, arrived,
+                              arrivals))
         return ticket
 
     def configure(self, settings: PipelineSettings) -> None:

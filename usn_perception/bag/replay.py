@@ -43,7 +43,8 @@ class ReplayError(UsnPerceptionError, RuntimeError):
 def node_parameters(settings: PipelineSettings, model: str | None = None) -> dict[str, Any]:
     """Node parameters that make ``usn_perception_node`` compute what ``settings`` describe.
 
-    Always ``use_sim_time`` and no debug image; ``budget_ms`` None becomes 0 (no clock limit).
+    Always ``use_sim_time`` and no debug image; ``budget_ms`` and ``deadline_ms`` None become
+    0 (no clock limit).
     """
     s, iv = settings, settings.interval
     params: dict[str, Any] = {
@@ -52,6 +53,7 @@ def node_parameters(settings: PipelineSettings, model: str | None = None) -> dic
         'certify.enabled': bool(s.certify), 'certify.method': s.method,
         'certify.max_subboxes': int(s.max_subboxes),
         'certify.budget_ms': float(s.budget_ms or 0.0),
+        'certify.deadline_ms': float(s.deadline_ms or 0.0),
         'certify.max_width_px': float(s.max_width_px or 0.0),
         'certify.exact_values': int(s.exact_values), 'certify.precision': s.precision,
         'certify.level_nodes': int(s.level_nodes),
@@ -75,6 +77,7 @@ def settings_from_info(info: dict[str, Any]) -> PipelineSettings:
             readout=info.get('readout') or None, certify=bool(c['enabled']),
             method=c['method'], max_subboxes=int(c['max_subboxes']),
             budget_ms=c['budget_ms'] or None, max_width_px=c['max_width_px'] or None,
+            deadline_ms=c.get('deadline_ms') or None,  # nodes before it had no deadline
             score_threshold=float(c['score_threshold']),
             exact_values=int(c.get('exact_values', 0)),  # nodes before it had no exact stage
             level_nodes=int(c.get('level_nodes', 0)),  # nor level nodes
@@ -279,6 +282,10 @@ def replay_bag(
             if budget:
                 warnings.append(f'the node certifies under a wall-clock budget ({budget} ms): '
                                 'its outputs depend on machine load')
+            deadline = node_info.get('certify', {}).get('deadline_ms')
+            if deadline:
+                warnings.append(f'the node certifies under a deadline ({deadline} ms after '
+                                'each frame arrives): its outputs depend on machine load')
             with staged_output(out) as stage:
                 summary = _run(session, reader, topic, stage, ns, node_info, timeout_s,
                                dict(start=start, end=end, limit=limit), progress, alive,

@@ -138,6 +138,10 @@ PARAMETERS: dict[str, Param] = {
                                   range=(1, 4096)),
     'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
                                      '(deterministic)', range=(0.0, 10000.0)),
+    'certify.deadline_ms': Param(42.0, 'a frame\'s certificate must be done this long after the '
+                                       'frame arrived (what is left of it, at most budget_ms; '
+                                       'a frame with too little left is published '
+                                       'OUT_OF_BUDGET); 0 = none', range=(0.0, 10000.0)),
     'certify.max_width_px': Param(20.0, 'boxes wider than this (image pixels, either axis) '
                                         'are NOT_CERTIFIED; 0 = no limit',
                                   range=(0.0, 1e6)),
@@ -189,6 +193,7 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         window_s=values['interval.window_s'],
         max_residual=values['interval.max_residual'])
     budget_ms = float(values['certify.budget_ms'])
+    deadline_ms = float(values['certify.deadline_ms'])
     width = float(values['certify.max_width_px'])
     return PipelineSettings(
         readout=values['readout'] or None,
@@ -196,6 +201,7 @@ def settings_from(values: dict[str, Any]) -> PipelineSettings:
         method=values['certify.method'],
         max_subboxes=int(values['certify.max_subboxes']),
         budget_ms=budget_ms if budget_ms > 0 else None,
+        deadline_ms=deadline_ms if deadline_ms > 0 else None,
         max_width_px=width if width > 0 else None,
         exact_values=int(values['certify.exact_values']),
         level_nodes=int(values['certify.level_nodes']),
@@ -417,7 +423,7 @@ class UsnPerceptionNode(LifecycleNode):
         with self._cond:
             if self._pending is not None:
                 self.stats.count('dropped')
-            self._pending = (msg, time.perf_counter())
+            self._pending = (msg, time.monotonic())
             self._cond.notify()
 
     def _on_incompatible_qos(self, info: Any) -> None:
@@ -494,11 +500,11 @@ class UsnPerceptionNode(LifecycleNode):
 
     def _take(self, msg: Any, arrived: float) -> tuple | None:
         """Decode a message: (frame, stamp, timings so far (ms), time decoded), None if skipped."""
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         decoded = self._decode(msg)
         if decoded is None:
             return None
-        t1 = time.perf_counter()
+        t1 = time.monotonic()
         return (*decoded, {'queue': (t0 - arrived) * 1e3, 'decode': (t1 - t0) * 1e3}, t1)
 
     def process_message(self, msg: Any, arrived: float | None = None) -> FrameResult | None:
@@ -506,17 +512,17 @@ class UsnPerceptionNode(LifecycleNode):
         pipeline = self.pipeline
         if pipeline is None:
             return None
-        arrived = time.perf_counter() if arrived is None else arrived
+        arrived = time.monotonic() if arrived is None else arrived
         taken = self._take(msg, arrived)
         if taken is None:
             return None
         frame, stamp, timings, t1 = taken
         try:
-            result = pipeline.process(frame, stamp)
+            result = pipeline.process(frame, stamp, arrived=arrived)
         except ImageError as exc:
             self._skip(str(exc))
             return None
-        timings['pipeline'] = (time.perf_counter() - t1) * 1e3
+        timings['pipeline'] = (time.monotonic() - t1) * 1e3
         self._finish(msg, frame, result, timings, arrived)
         return result
 
@@ -535,9 +541,9 @@ class UsnPerceptionNode(LifecycleNode):
             self._skip(str(exc))
             return
         entry = _InFlight(msg, frame, arrived, timings, t1,
-                          interval_ms=(time.perf_counter() - t1) * 1e3)
+                          interval_ms=(time.monotonic() - t1) * 1e3)
         with self._cond:  # the collector matches outcomes to entries under the same lock
-            entry.ticket = pool.submit(frame, stamp, estimate)
+            entry.ticket = pool.submit(frame, stamp, estimate, arrived)
             self._inflight.append(entry)
 
     def _collect(self) -> None:
@@ -553,7 +559,7 @@ class UsnPerceptionNode(LifecycleNode):
             seen = len(pool.failures)
             self.stats.info.update(workers_alive=str(pool.alive()),
                                    worker_restarts=str(pool.restarts))
-            done_at = time.perf_counter()
+            done_at = time.monotonic()
             ready: list[_InFlight] = []
             with self._cond:
                 by_ticket = {e.ticket: e for e in self._inflight}
@@ -587,9 +593,9 @@ class UsnPerceptionNode(LifecycleNode):
     def _finish(self, msg: Any, frame: np.ndarray, result: FrameResult, timings: dict,
                 arrived: float) -> None:
         """Publish one frame's result and record its timings (ms) in the diagnostics."""
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         self._publish(msg.header, frame, result)
-        t1 = time.perf_counter()
+        t1 = time.monotonic()
         timings = {**{k: v for k, v in result.timings_ms.items() if k != 'total'}, **timings,
                    'publish': (t1 - t0) * 1e3, 'node': (t1 - arrived) * 1e3}
         if msg.header.stamp.sec or msg.header.stamp.nanosec:
