@@ -185,10 +185,11 @@ def test_deadline_counts_from_arrival_and_skips_what_cannot_fit(detector: Detect
     assert late.certify_stats == {'stopped': 'deadline', 'ms': 0.0}
     np.testing.assert_allclose(late.keypoints, detector.predict(frames[1]))
     assert pipe.ms_per_subbox == learned  # nothing ran: nothing learned
-    # Less left than the recent certificates took: not started either.
+    # Less left than the recent certificates took: started all the same (skipping on the
+    # learned cost would never learn again), and a certificate that finishes is learned.
     pipe.ms_per_subbox = 5e3
     tight = pipe.process(frames[2], 2 / 30, arrived=time.monotonic() - 6.0)
-    assert tight.certify_stats['stopped'] == 'deadline'
+    assert tight.certified.any() and pipe.ms_per_subbox < 5e3
     # Enough left: the certificate gets what is left, capped by budget_ms.
     pipe.configure(budget_ms=50.0)
     pipe.ms_per_subbox = 1.0

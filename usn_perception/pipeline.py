@@ -47,9 +47,10 @@ class PipelineSettings:
     sub-boxes per frame follows the time the previous frames took, see
     :meth:`FramePipeline.subboxes_for_next_frame`), ``deadline_ms`` (None = none: the
     certificate must be done this long after the frame *arrived*, so a frame that waited or
-    predicted slowly gets what is left, at most ``budget_ms``; one with too little left is not
-    certified, status OUT_OF_BUDGET: online, a late certificate is worth less than a timely
-    keypoint), ``max_width_px``
+    predicted slowly gets what is left, at most ``budget_ms``; one with nothing left, or
+    whose certificate does not finish in what is left, is not certified, status
+    OUT_OF_BUDGET: online, a late certificate is worth less than a timely keypoint),
+    ``max_width_px``
     (wider boxes are NOT_CERTIFIED, None = no limit), ``exact_values``, ``level_nodes`` and
     ``precision`` go to
     :func:`~usn_perception.certify.certify_keypoints`. Keypoints scoring below
@@ -286,19 +287,19 @@ class FramePipeline:
         check_image(image)
         return self.interval.update(image, stamp)
 
-    def _certify_ms(self, arrived: float, subboxes: int) -> float | None:
+    def _certify_ms(self, arrived: float) -> float | None:
         """Milliseconds the certificate may take now (None: no limit; 0: do not start).
 
-        ``budget_ms`` caps it; ``deadline_ms`` after ``arrived`` ends it. What is left of the
-        deadline must cover the recent cost of ``subboxes`` (when known): a certificate that
-        is stopped half-way certifies nothing and only takes a core from the next frame.
+        ``budget_ms`` caps it; ``deadline_ms`` after ``arrived`` ends it. A certificate starts
+        whenever any time is left, even less than the recent ones took: skipping on the
+        learned cost would lock certification out for good once a few slow frames raised it
+        above what a frame has left, since a skipped frame teaches nothing.
         """
         s = self._settings
         if s.deadline_ms is None:
             return s.budget_ms
         left = s.deadline_ms - (time.monotonic() - arrived) * 1e3
-        need = 0.0 if self.ms_per_subbox is None else self.ms_per_subbox * subboxes
-        if left <= max(need, 0.0):
+        if left <= 0.0:
             return 0.0
         return left if s.budget_ms is None else min(s.budget_ms, left)
 
@@ -329,8 +330,8 @@ class FramePipeline:
         status = np.full(k, int(CertStatus.SKIPPED), dtype=np.uint8)
         stats: dict = {}
         wanted = pred.scores >= s.score_threshold
-        limit_ms = self._certify_ms(arrived, n) if s.certify and wanted.any() else None
-        if limit_ms == 0.0:  # past the deadline, or too close to it: not started
+        limit_ms = self._certify_ms(arrived) if s.certify and wanted.any() else None
+        if limit_ms == 0.0:  # past the deadline: not started
             status[wanted] = int(CertStatus.OUT_OF_BUDGET)
             stats = {'stopped': 'deadline', 'ms': 0.0}
         elif s.certify and wanted.any():

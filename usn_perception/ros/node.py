@@ -138,7 +138,7 @@ PARAMETERS: dict[str, Param] = {
                                   range=(1, 4096)),
     'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
                                      '(deterministic)', range=(0.0, 10000.0)),
-    'certify.deadline_ms': Param(42.0, 'a frame\'s certificate must be done this long after the '
+    'certify.deadline_ms': Param(38.0, 'a frame\'s certificate must be done this long after the '
                                        'frame arrived (what is left of it, at most budget_ms; '
                                        'a frame with too little left is published '
                                        'OUT_OF_BUDGET); 0 = none', range=(0.0, 10000.0)),
