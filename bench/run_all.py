@@ -9,7 +9,7 @@ pruned-vs-unpruned certification time. The bag benchmark records its own bag fro
 cache (fetching the frames when missing), so it runs only with ``--bag``.
 
     python bench/run_all.py --list
-    python bench/run_all.py                      # certify + node + node tightness (~20 minutes)
+    python bench/run_all.py                      # certify + node + tightness (~25 minutes)
     python bench/run_all.py --only node-scene0 --only cert-time --data W/data/test/annotations.json
 """
 
@@ -60,6 +60,10 @@ def benchmarks(data: str | None) -> list[Benchmark]:
                                             '4,8,12,16,24', '--out',
                                             'bench/results_node_tightness.md'),
                          'bench/results_node_tightness.md'))
+    out.append(Benchmark('level-radius', ('bench_level_radius.py', '--model', default,
+                                          '--scenes', '0,1', '--frames', '2', '--out',
+                                          'bench/results_level_radius.md'),
+                         'bench/results_level_radius.md'))
     out.append(Benchmark('cert-time', ('bench_cert_time.py', '--model', default, '--model',
                                        unpruned, '--data', data or '<--data>', '--first', '20',
                                        '--count', '10', '--exact-values', '12', '--precision',
