@@ -9,6 +9,8 @@ not be used (both thresholds clip, a network whose |τ|·R is not negligible, to
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -225,6 +227,30 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
             if cert.stats['level_nodes']:
                 assert cert.stats['subboxes'] <= n
             assert_sound(det, image, box, cert, readout, grid=7)
+
+
+def test_no_readout_bound_starts_after_a_late_level_pass(monkeypatch):
+    # The level pass checks the deadline before each layer, so its last layer can end past
+    # it; the readout bound must then not start (the frame is OUT_OF_BUDGET, not late).
+    import usn_perception.certify as certify_module
+
+    det = homogeneous_shallow(0, 'local-centroid')
+    image = one_sided(0, 'dark')
+    real, readouts = certify_module.level_bounds, []
+
+    def late(*args, **kwargs):
+        out = real(*args, **kwargs)
+        deadline = kwargs['deadline']
+        while time.perf_counter() <= deadline:
+            time.sleep(0.001)
+        return out
+
+    monkeypatch.setattr(certify_module, 'level_bounds', late)
+    monkeypatch.setitem(certify_module.READOUT_BOUNDS, 'local-centroid',
+                        lambda *a, **k: readouts.append(1))
+    cert = certify_keypoints(det, image, NODE_BOX, budget=Budget(3, max_ms=50.0))
+    assert (cert.status == 2).all() and cert.stats['stopped'] == 'time'  # OUT_OF_BUDGET
+    assert not readouts
 
 
 def test_a_point_box_on_a_clip_level_is_exact():

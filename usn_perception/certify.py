@@ -253,6 +253,8 @@ class _Evaluator:
                            deadline=deadline, nominal=self.trace() if reuse else None)
         if out is None:
             return None
+        if deadline is not None and time.perf_counter() > deadline:
+            raise BudgetExceeded  # the last layer ended late: start no readout bound after it
         part, c, r, mixed = out
         self.unstable += mixed
         # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
