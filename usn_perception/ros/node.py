@@ -139,9 +139,10 @@ PARAMETERS: dict[str, Param] = {
     'certify.budget_ms': Param(40.0, 'wall-clock limit of certification per frame; 0 = none '
                                      '(deterministic)', range=(0.0, 10000.0)),
     'certify.deadline_ms': Param(38.0, 'a frame\'s certificate must be done this long after the '
-                                       'frame arrived (what is left of it, at most budget_ms; '
-                                       'a frame with too little left is published '
-                                       'OUT_OF_BUDGET); 0 = none', range=(0.0, 10000.0)),
+                                       'frame arrived: it gets what is left, at most '
+                                       'budget_ms, and a frame with nothing left or whose '
+                                       'certificate does not finish in it is published '
+                                       'OUT_OF_BUDGET; 0 = none', range=(0.0, 10000.0)),
     'certify.max_width_px': Param(20.0, 'boxes wider than this (image pixels, either axis) '
                                         'are NOT_CERTIFIED; 0 = no limit',
                                   range=(0.0, 1e6)),
