@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_certify import Report, ratios  # noqa: E402
-from bench_node import _frames  # noqa: E402
-from bench_node_tightness import NODE_SETTINGS, _widths  # noqa: E402
+from bench_node_tightness import NodeStream, _widths, add_stream_options  # noqa: E402
 
 from usn_perception.bounds import levels  # noqa: E402
 from usn_perception.bounds.attack import empirical_range  # noqa: E402
@@ -47,7 +46,6 @@ from usn_perception.bounds.split import RefineResult  # noqa: E402
 from usn_perception.bounds.thresholds import threshold_row  # noqa: E402
 from usn_perception.certify import READOUT_BOUNDS, _to_pixels  # noqa: E402
 from usn_perception.detector import load_detector  # noqa: E402
-from usn_perception.pipeline import FramePipeline  # noqa: E402
 from usn_perception.readout import LOCAL_RADIUS, cell_grid  # noqa: E402
 
 #: Multiples of the true deviation tried as a radius for the ceiling.
@@ -143,11 +141,7 @@ def _tightness(det, img, root, points, axis, logits, radius, leaves, *, net, enc
 def main(argv: list[str] | None = None) -> int:
     """Run the measurement and write the Markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--model', default='models/default')
-    ap.add_argument('--scenes', default='0,1', help='bench_node.py scenes, comma-separated')
-    ap.add_argument('--frames', type=int, default=2, help='frames measured per scene')
-    ap.add_argument('--size', default='640x480')
-    ap.add_argument('--swing', default='0.03,0.01,10', help="as bench_node.py's --swing")
+    add_stream_options(ap, frames=2)
     ap.add_argument('--samples', type=int, default=33,
                     help='network runs per segment for the true deviation')
     ap.add_argument('--out', type=Path, help='write the Markdown report here')
@@ -155,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 2:
         ap.error('--samples must be at least 2 (the segment ends)')
     torch.set_num_threads(1)
-    width, height = (int(v) for v in args.size.split('x'))
-    amp_a, amp_b, period = (float(v) for v in args.swing.split(','))
-    rate = 30.0
-    n_stream = max(1, round(period * rate))
+    stream = NodeStream.from_args(args)
     det = load_detector(args.model)
     grid = cell_grid(*det.config.heatmap_size[::-1])
     say = Report()
@@ -166,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     say()
     say(f'Command: `python bench/{Path(__file__).name} {" ".join(argv or sys.argv[1:])}`  ')
     say(f'Machine: {platform.machine()}, torch {torch.__version__}, 1 thread  ')
-    say(f'Model: `{det.source}` ({det!r}); stream: {width}x{height} mono8, swing α = 1 ± '
-        f'{amp_a:g}, β = ±{amp_b:g} over {period:g} s; cells: the (2·{LOCAL_RADIUS} + 1)² '
-        'window around each keypoint\'s argmax')
+    say(f'Model: `{det.source}` ({det!r}); stream: {stream.describe()}; cells: the '
+        f'(2·{LOCAL_RADIUS} + 1)² window around each keypoint\'s argmax')
     say()
     say('| scene | frame | segments | true dev. (median) | one-row radius ÷ true | '
         'per-segment radius ÷ true | node tightness | per-segment rows and leaves | '
@@ -176,50 +166,41 @@ def main(argv: list[str] | None = None) -> int:
         + ' |')
     say('|' + '---|' * (8 + 2 * len(CEILING)))
     layers: dict[str, list[tuple]] = {}
-    for scene in (int(s) for s in args.scenes.split(',')):
-        frames = _frames(width, height, n_stream, scenes=1, first=scene, swing=(amp_a, amp_b))
-        pipe = FramePipeline(det, NODE_SETTINGS)
-        start = 2 * int(rate)
-        picks = set(np.linspace(start, start + n_stream - 1, args.frames).round().astype(int))
-        for i in range(start + n_stream):
-            img = np.frombuffer(frames[i % n_stream], np.uint8).reshape(height, width)
-            result = pipe.process(img, i / rate)
-            if i not in picks:
-                continue
-            box = result.interval.as_box()
-            enc = ImageEncoding(img, det.config.input_size, det.device)
-            net = compile_network(det.net, enc.shape)
-            root = threshold_row(box)[0]
-            axis = levels.level_axis(root, enc.values, enc.value_weights)
-            if axis is None:
-                say(f'| {scene} | {i} | both thresholds clip (or neither): no level nodes |')
-                continue
-            nodes = levels.level_nodes(root, enc.values, enc.value_weights, axis)
-            points, _ = levels.evaluation_points(nodes, enc.values, enc.value_weights, axis)
-            segments = points.shape[0] - 1
-            trace = det.run(img, trace=True).trace
-            with torch.inference_mode():
-                one = levels.level_logits(net, enc, points, axis, nominal=trace,
-                                          group=torch.zeros(segments, dtype=torch.long))
-                each = levels.level_logits(net, enc, points, axis, nominal=trace)
-                logits, r_one, r_each = one[0], one[1], each[1]
-                inputs = _nodal_inputs(enc, points, axis)
-                true = _true_deviation(net, inputs, logits, args.samples)
-                ks, cs = _window_cells(logits[0], det.config.heatmap_size[0])
-                for row in _gap_reach(net, inputs, ks, cs):
-                    layers.setdefault(row[0], []).append(row[1:])
-            emp = empirical_range(det, img, box).widths
-            floor = torch.finfo(torch.float64).tiny
+    for scene, i, img, result in stream.picked(det, args.scenes, args.frames):
+        box = result.interval.as_box()
+        enc = ImageEncoding(img, det.config.input_size, det.device)
+        net = compile_network(det.net, enc.shape)
+        root = threshold_row(box)[0]
+        axis = levels.level_axis(root, enc.values, enc.value_weights)
+        if axis is None:
+            say(f'| {scene} | {i} | both thresholds clip (or neither): no level nodes |')
+            continue
+        nodes = levels.level_nodes(root, enc.values, enc.value_weights, axis)
+        points, _ = levels.evaluation_points(nodes, enc.values, enc.value_weights, axis)
+        segments = points.shape[0] - 1
+        trace = det.run(img, trace=True).trace
+        with torch.inference_mode():
+            one = levels.level_logits(net, enc, points, axis, nominal=trace,
+                                      group=torch.zeros(segments, dtype=torch.long))
+            each = levels.level_logits(net, enc, points, axis, nominal=trace)
+            logits, r_one, r_each = one[0], one[1], each[1]
+            inputs = _nodal_inputs(enc, points, axis)
+            true = _true_deviation(net, inputs, logits, args.samples)
+            ks, cs = _window_cells(logits[0], det.config.heatmap_size[0])
+            for row in _gap_reach(net, inputs, ks, cs):
+                layers.setdefault(row[0], []).append(row[1:])
+        emp = empirical_range(det, img, box).widths
+        floor = torch.finfo(torch.float64).tiny
 
-            tight = partial(_tightness, det, img, root, points, axis, logits, net=net,
-                            enc=enc, grid=grid, emp=emp)
-            t_cells = true[:, ks, cs]
-            cells = [f' {tight(c * true, 1):.3g} | {tight(c * true, None):.3g} |'
-                     for c in CEILING]
-            say(f'| {scene} | {i} | {segments} | {float(t_cells.median()):.2g} | '
-                f'{float((r_one[:, ks, cs] / t_cells.clamp(min=floor)).median()):.3g} | '
-                f'{float((r_each[:, ks, cs] / t_cells.clamp(min=floor)).median()):.3g} | '
-                f'**{tight(r_one, 1):.3g}** | {tight(r_each, None):.3g} |' + ''.join(cells))
+        tight = partial(_tightness, det, img, root, points, axis, logits, net=net,
+                        enc=enc, grid=grid, emp=emp)
+        t_cells = true[:, ks, cs]
+        cells = [f' {tight(c * true, 1):.3g} | {tight(c * true, None):.3g} |'
+                 for c in CEILING]
+        say(f'| {scene} | {i} | {segments} | {float(t_cells.median()):.2g} | '
+            f'{float((r_one[:, ks, cs] / t_cells.clamp(min=floor)).median()):.3g} | '
+            f'{float((r_each[:, ks, cs] / t_cells.clamp(min=floor)).median()):.3g} | '
+            f'**{tight(r_one, 1):.3g}** | {tight(r_each, None):.3g} |' + ''.join(cells))
     say()
     say('Per ReLU layer, the chord gaps of its neurons that change sign inside a segment, '
         'pushed to the window cells (mean over the cells; median over segments and frames):')

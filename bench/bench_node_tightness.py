@@ -21,6 +21,8 @@ import argparse
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +40,66 @@ from usn_perception.certify import certify_keypoints  # noqa: E402
 from usn_perception.detector import load_detector  # noqa: E402
 from usn_perception.pipeline import FramePipeline, PipelineSettings  # noqa: E402
 
-#: The shipped node's certification settings (config/usn_perception.yaml).
+#: The shipped node's certification settings (config/usn_perception.yaml), less its
+#: deadline: a frame processed alone here never waits for a worker, and a frame the deadline
+#: cut would have no box to measure.
 NODE_SETTINGS = PipelineSettings(budget_ms=40.0, max_width_px=20.0)
+
+
+#: Frame rate of bench_node.py's stream.
+RATE = 30.0
+
+
+def add_stream_options(ap: argparse.ArgumentParser, frames: int) -> None:
+    """The options of a bench on the node's own frames: the model and bench_node.py's stream."""
+    ap.add_argument('--model', default='models/default')
+    ap.add_argument('--scenes', default='0,1', help='bench_node.py scenes, comma-separated')
+    ap.add_argument('--frames', type=int, default=frames, help='frames measured per scene')
+    ap.add_argument('--size', default='640x480')
+    ap.add_argument('--swing', default='0.03,0.01,10', help="as bench_node.py's --swing")
+
+
+@dataclass(frozen=True)
+class NodeStream:
+    """bench_node.py's stream (one scene at a time) and the frames a bench measures on it."""
+
+    width: int
+    height: int
+    swing: tuple[float, float]
+    period: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NodeStream:
+        """From the options of :func:`add_stream_options`."""
+        width, height = (int(v) for v in args.size.split('x'))
+        amp_a, amp_b, period = (float(v) for v in args.swing.split(','))
+        return cls(width, height, (amp_a, amp_b), period)
+
+    def describe(self) -> str:
+        """One line for a report's header."""
+        return (f'{self.width}x{self.height} mono8 at {RATE:g} Hz, swing α = 1 ± '
+                f'{self.swing[0]:g}, β = ±{self.swing[1]:g} over {self.period:g} s')
+
+    def picked(self, det, scenes: str, per_scene: int) -> Iterator[tuple]:
+        """(scene, frame index, frame, the node pipeline's FrameResult) of the measured frames.
+
+        Every frame of a scene goes through :class:`FramePipeline` with the node's settings,
+        as a node worker runs it (Θ measured over the window); ``per_scene`` frames spread
+        over one swing period from the third second on (the window has filled) are yielded.
+        """
+        n_stream = max(1, round(self.period * RATE))
+        start = 2 * int(RATE)
+        for scene in (int(s) for s in scenes.split(',')):
+            frames = _frames(self.width, self.height, n_stream, scenes=1, first=scene,
+                             swing=self.swing)
+            pipe = FramePipeline(det, NODE_SETTINGS)
+            picks = set(np.linspace(start, start + n_stream - 1, per_scene).round().astype(int))
+            for i in range(start + n_stream):
+                img = np.frombuffer(frames[i % n_stream], np.uint8).reshape(self.height,
+                                                                            self.width)
+                result = pipe.process(img, i / RATE)
+                if i in picks:
+                    yield scene, i, img, result
 
 
 def _widths(boxes: np.ndarray) -> np.ndarray:
@@ -57,20 +117,13 @@ def _ms(fn, *args) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Run the measurement and write the Markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--model', default='models/default')
-    ap.add_argument('--scenes', default='0,1', help='bench_node.py scenes, comma-separated')
-    ap.add_argument('--frames', type=int, default=4, help='frames measured per scene')
-    ap.add_argument('--size', default='640x480')
-    ap.add_argument('--swing', default='0.03,0.01,10', help="as bench_node.py's --swing")
+    add_stream_options(ap, frames=4)
     ap.add_argument('--budgets', default='4,8,12,16,24',
                     help='fixed sub-box budgets (no time limit) to certify the same frames at')
     ap.add_argument('--out', type=Path, help='write the Markdown report here')
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    width, height = (int(v) for v in args.size.split('x'))
-    amp_a, amp_b, period = (float(v) for v in args.swing.split(','))
-    rate = 30.0
-    n_stream = max(1, round(period * rate))
+    stream = NodeStream.from_args(args)
     budgets = [int(b) for b in args.budgets.split(',') if b]
     det = load_detector(args.model)
     say = Report()
@@ -78,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     say()
     say(f'Command: `python bench/{Path(__file__).name} {" ".join(argv or sys.argv[1:])}`  ')
     say(f'Machine: {platform.machine()}, torch {torch.__version__}, 1 thread  ')
-    say(f'Model: `{det.source}` ({det!r}); stream: {width}x{height} mono8 at {rate:g} Hz, '
-        f'swing α = 1 ± {amp_a:g}, β = ±{amp_b:g} over {period:g} s; node settings: '
+    say(f'Model: `{det.source}` ({det!r}); stream: {stream.describe()}; node settings: '
         f'budget_ms {NODE_SETTINGS.budget_ms:g}, shipped defaults otherwise')
     say()
     head = ('| scene | frame | measured Θ (α; β) | level nodes | node certify ms | '
@@ -90,38 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, list[float]] = {'node': []}
     summary.update({str(b): [] for b in budgets})
     cost: dict[str, list[float]] = {k: [] for k in summary}
-    for scene in (int(s) for s in args.scenes.split(',')):
-        frames = _frames(width, height, n_stream, scenes=1, first=scene, swing=(amp_a, amp_b))
-        pipe = FramePipeline(det, NODE_SETTINGS)
-        # Measure from the third second on (the window has filled), spread over one period.
-        start = 2 * int(rate)
-        picks = set(np.linspace(start, start + n_stream - 1, args.frames).round().astype(int))
-        for i in range(start + n_stream):
-            img = np.frombuffer(frames[i % n_stream], np.uint8).reshape(height, width)
-            result = pipe.process(img, i / rate)
-            if i not in picks:
-                continue
-            box = result.interval.as_box()
-            emp = empirical_range(det, img, box).widths
-            predict_ms = float(np.median([_ms(det.predict, img) for _ in range(5)]))
-            node_r = ratios(_widths(result.boxes), emp)
-            summary['node'].append(float(np.median(node_r)))
-            cost['node'].append(result.timings_ms['certify'])
-            cells = []
-            for b in budgets:
-                t = time.perf_counter()
-                cert = certify_keypoints(det, img, box, budget=Budget(b))
-                ms = (time.perf_counter() - t) * 1e3  # one run: these take 30-100 ms
-                r = float(np.median(ratios(cert.widths, emp)))
-                summary[str(b)].append(r)
-                cost[str(b)].append(ms)
-                cells.append(f' {r:.3g} | {ms:.0f} |')
-            say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
-                f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
-                f'{result.certify_stats.get("level_nodes", 0)} | '
-                f'{result.timings_ms["certify"]:.1f} | {predict_ms:.1f} | '
-                f'**{np.median(node_r):.3g}** | {np.median(_widths(result.boxes).max(1)):.3g} | '
-                f'{np.median(emp.max(1)):.3g} |' + ''.join(cells))
+    for scene, i, img, result in stream.picked(det, args.scenes, args.frames):
+        box = result.interval.as_box()
+        emp = empirical_range(det, img, box).widths
+        predict_ms = float(np.median([_ms(det.predict, img) for _ in range(5)]))
+        node_r = ratios(_widths(result.boxes), emp)
+        summary['node'].append(float(np.median(node_r)))
+        cost['node'].append(result.timings_ms['certify'])
+        cells = []
+        for b in budgets:
+            t = time.perf_counter()
+            cert = certify_keypoints(det, img, box, budget=Budget(b))
+            ms = (time.perf_counter() - t) * 1e3  # one run: these take 30-100 ms
+            r = float(np.median(ratios(cert.widths, emp)))
+            summary[str(b)].append(r)
+            cost[str(b)].append(ms)
+            cells.append(f' {r:.3g} | {ms:.0f} |')
+        say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
+            f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
+            f'{result.certify_stats.get("level_nodes", 0)} | '
+            f'{result.timings_ms["certify"]:.1f} | {predict_ms:.1f} | '
+            f'**{np.median(node_r):.3g}** | {np.median(_widths(result.boxes).max(1)):.3g} | '
+            f'{np.median(emp.max(1)):.3g} |' + ''.join(cells))
     say()
     say('Median over frames (each frame: the median over its keypoints):')
     say()
