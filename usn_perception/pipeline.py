@@ -6,8 +6,9 @@ predict the keypoints, measure the brightness/contrast box Θ the camera is seei
 input-image pixels (centre of the top-left pixel = (0, 0)), with per-stage timings.
 
 Given the same frames and stamps the results are the same, timings aside, as long as the
-certification budget has no wall-clock part (``budget_ms`` None): a time limit makes the
-refinement depth depend on the machine's speed, which is fine online and wrong for replays.
+certification has no wall-clock part (``budget_ms`` and ``deadline_ms`` None): a time limit
+makes the refinement depth, and a deadline whether a frame is certified at all, depend on the
+machine's speed, which is fine online and wrong for replays.
 """
 
 from __future__ import annotations
