@@ -169,7 +169,7 @@ def test_reported_arrivals_give_the_camera_period_not_the_processing_one(detecto
     assert alone.frame_period_ms == pytest.approx(2000 / 30)
 
 
-def test_deadline_counts_from_arrival_and_skips_what_cannot_fit(detector: Detector):
+def test_deadline_counts_from_arrival_and_gives_up_only_when_time_is_out(detector: Detector):
     frames = _frames(3)
     pipe = FramePipeline(detector, PipelineSettings(max_subboxes=1, deadline_ms=1e4))
     free = FramePipeline(detector, FAST)
