@@ -33,7 +33,8 @@ from usn_perception.bounds.levels import (
 )
 from usn_perception.bounds.thresholds import carve_free, threshold_row
 from usn_perception.certify import NODES_PER_SUBBOX, Budget, PhotometricBox, certify_keypoints
-from usn_perception.detector import load_detector
+from usn_perception.detector import Detector, load_detector
+from usn_perception.network import DetectorConfig, build_network
 
 
 def one_sided(seed: int, side: str) -> np.ndarray:
@@ -227,6 +228,40 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
             if cert.stats['level_nodes']:
                 assert cert.stats['subboxes'] <= n
             assert_sound(det, image, box, cert, readout, grid=7)
+
+
+def linear_first_detector(seed: int, readout: str) -> Detector:
+    """The homogeneous architecture without the first ReLU (``first_relu=False``)."""
+    torch.manual_seed(seed)
+    config = DetectorConfig(input_size=(32, 24), widths=(6, 8, 8, 8, 8, 8, 8, 6, 6),
+                            keypoint_names=('a', 'b', 'c'), readout=readout, first_relu=False)
+    net = build_network(config).double().eval()
+    with torch.no_grad():
+        x = torch.rand(1, 1, 24, 32, dtype=torch.float64) * 0.3 + 0.3
+        net[-1].weight.mul_(1.0 / float(net(x).abs().max()))
+    return Detector(net, config)
+
+
+def linear_first_shallow(seed: int, readout: str) -> Detector:
+    """:func:`homogeneous_shallow` without its first ReLU: the level nodes apply to it."""
+    det = homogeneous_shallow(seed, readout)
+    net = torch.nn.Sequential(*(m for i, m in enumerate(det.net) if i != 2))
+    assert sum(isinstance(m, torch.nn.ReLU) for m in net) == 1
+    return Detector(net.eval(), det.config)
+
+
+@pytest.mark.parametrize('readout', ['local-centroid', 'argmax'])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_a_linear_first_stage_is_certified_soundly(seed, side, readout):
+    image = one_sided(seed, side)
+    levels_used = 0
+    for det in (linear_first_detector(seed, readout), linear_first_shallow(seed, readout)):
+        for box in (NODE_BOX, OFFLINE_BOX):
+            for n in (1, 3, 16):
+                cert = certify_keypoints(det, image, box, budget=Budget(n))
+                levels_used += cert.stats['level_nodes'] > 0
+                assert_sound(det, image, box, cert, readout, grid=7)
+    assert levels_used  # the shallow one is bounded at its clip levels
 
 
 def test_no_readout_bound_starts_after_a_late_level_pass(monkeypatch):

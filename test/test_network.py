@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from usn_perception.network import (
@@ -35,6 +36,32 @@ def test_homogeneous_network_scales_with_contrast_and_ignores_brightness():
             assert 0 <= float(y.min()) and float(y.max()) <= 1
             torch.testing.assert_close(net(y), a * net(x), rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(centroid(net(y)), centroid(net(x)))
+
+
+def test_a_linear_first_stage_drops_only_the_first_relu_and_stays_homogeneous(tmp_path):
+    from usn_perception.model_io import load_model, save_model
+
+    config = DetectorConfig(input_size=(32, 24), widths=(6,) * 9, keypoint_names=('a', 'b'),
+                            first_relu=False)
+    net = build_network(config)
+    relus = [i for i, m in enumerate(net) if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == 8 and len(build_network(CONFIG)) == len(net) + 1  # 9 layers, one less
+    assert not isinstance(net[3], torch.nn.ReLU) and isinstance(net[3], torch.nn.Conv2d)
+    recalibrate_norms(net, torch.rand(16, 1, 24, 32))
+    net = net.double().eval()
+    apply_constraints(net)
+    x = torch.rand(2, 1, 24, 32, dtype=torch.float64) * 0.5 + 0.25
+    torch.testing.assert_close(net(1.2 * x - 0.1), 1.2 * net(x), rtol=1e-9, atol=1e-12)
+    # The flag survives the JSON sidecar; files without it have the ReLU.
+    assert DetectorConfig.from_json(config.to_json()) == config
+    old = {k: v for k, v in config.to_json().items() if k != 'first_relu'}
+    assert DetectorConfig.from_json(old).first_relu is True
+    assert config.with_widths((5,) * 9).first_relu is False
+    path = save_model(net.float(), config, tmp_path / 'model.json')
+    loaded, back, _ = load_model(path)
+    assert back == config and len(loaded) == len(net)
+    with pytest.raises(ValueError, match='first_relu'):
+        DetectorConfig(first_relu='no')
 
 
 def test_constraints_survive_training_steps_and_eval_mode_is_a_plain_batchnorm():

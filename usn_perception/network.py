@@ -50,6 +50,9 @@ class DetectorConfig:
     norm_std: float = 0.25
     readout: str = 'centroid'
     arch: str = 'homogeneous'
+    #: A ReLU after the first conv (False: the first two convs compose into one linear stage,
+    #: so the first sign changes, which the certificates pay for most, come a layer later).
+    first_relu: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class DetectorConfig:
             raise ValueError(f'arch must be one of {ARCHS}, got {self.arch!r}')
         if self.arch == 'homogeneous' and self.norm_mean != 0.0:
             raise ValueError('the homogeneous architecture needs norm_mean = 0 (no input shift)')
+        if not isinstance(self.first_relu, bool):
+            raise ValueError(f'first_relu must be true or false, got {self.first_relu!r}')
 
     @property
     def num_keypoints(self) -> int:
@@ -94,7 +99,7 @@ class DetectorConfig:
     def from_json(cls, d: dict) -> DetectorConfig:
         """Inverse of :meth:`to_json`; unknown keys go to ``extra``."""
         known = {'input_size', 'widths', 'keypoint_names', 'norm_mean', 'norm_std', 'readout',
-                 'arch'}
+                 'arch', 'first_relu'}  # files without first_relu have the ReLU
         missing = {'input_size', 'widths', 'keypoint_names'} - d.keys()
         if missing:
             raise ValueError(f'architecture is missing {sorted(missing)}')
@@ -115,7 +120,7 @@ class DetectorConfig:
             input_size=self.input_size, widths=tuple(int(w) for w in widths),
             keypoint_names=self.keypoint_names, norm_mean=self.norm_mean,
             norm_std=self.norm_std, readout=self.readout, arch=self.arch,
-            extra=dict(self.extra),
+            first_relu=self.first_relu, extra=dict(self.extra),
         )
 
 
@@ -193,7 +198,9 @@ def build_network(config: DetectorConfig) -> nn.Sequential:
             layers.append(nn.Conv2d(c_in, width, 3, stride=stride, padding=1, bias=False))
         else:
             layers.append(nn.ConvTranspose2d(c_in, width, 4, stride=2, padding=1, bias=False))
-        layers += [ScaleNorm2d(width) if homogeneous else nn.BatchNorm2d(width), nn.ReLU()]
+        layers.append(ScaleNorm2d(width) if homogeneous else nn.BatchNorm2d(width))
+        if i > 0 or config.first_relu:
+            layers.append(nn.ReLU())
         c_in = width
     layers.append(nn.Conv2d(c_in, config.num_keypoints, 1, bias=not homogeneous))
     net = nn.Sequential(*layers)

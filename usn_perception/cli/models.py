@@ -39,6 +39,10 @@ def _cfg_train(p: argparse.ArgumentParser) -> None:
     p.add_argument('--gain-weight', type=float, default=0.0,
                    help='certified training: weight of log(radius gain) in the loss '
                         '(0 = off; see docs/certification.md)')
+    p.add_argument('--no-first-relu', action='store_true',
+                   help='no ReLU after the first conv: the first two convs form one linear '
+                        'stage (tighter node-sized certificates; docs/certification.md, '
+                        '"A linear first stage")')
 
 
 def _train_val_paths(data: Path, val: Path | None) -> tuple[Path, Path]:
@@ -62,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.limit:
         train_set.samples = train_set.samples[:args.limit]
     kwargs = {'input_size': args.input_size, 'keypoint_names': tuple(train_set.keypoint_names),
-              'arch': args.arch}
+              'arch': args.arch, 'first_relu': not args.no_first_relu}
     if args.arch == 'plain':
         kwargs.update(PLAIN_DEFAULTS)
     if args.readout:
