@@ -2,6 +2,8 @@
 # Reproduce the shipped models with the project's own CLI only (docs/model_card.md).
 #   bash scripts/make_default_model.sh [WORKDIR]             # build + measure into WORKDIR
 #   INSTALL=1 bash scripts/make_default_model.sh [WORKDIR]   # ... and copy into models/
+#   FIRST_RELU=0 bash scripts/make_default_model.sh [WORKDIR]  # linear first stage (no ReLU
+#                    after the first conv; docs/certification.md, "A linear first stage")
 #
 # WORKDIR/data       the procedural dataset (2,000 images, seed 0)
 # WORKDIR/unpruned   homogeneous detector, local-centroid readout, certified training
@@ -20,6 +22,9 @@ COUNT="${COUNT:-2000}"
 EPOCHS="${EPOCHS:-30}"
 GAIN_WEIGHT="${GAIN_WEIGHT:-0.5}"
 READOUT="${READOUT:-local-centroid}"
+FIRST_RELU="${FIRST_RELU:-1}"
+ARCH_FLAGS=()
+[ "$FIRST_RELU" = 0 ] && ARCH_FLAGS+=(--no-first-relu)
 RATIO="${RATIO:-0.5}"
 PRUNE_EPOCHS="${PRUNE_EPOCHS:-18}"
 CERT_IMAGES="${CERT_IMAGES:-20}"
@@ -34,7 +39,7 @@ timed() {  # timed NAME CMD... : run with /usr/bin/time, keep its report in WORK
 [ -d "$WORK/data" ] || usn-perception --quiet make-dataset --out "$WORK/data" --count "$COUNT" --seed "$SEED"
 [ -f "$WORK/unpruned/model.json" ] || timed train usn-perception --quiet train \
   --data "$WORK/data" --out "$WORK/unpruned" --epochs "$EPOCHS" --seed "$SEED" \
-  --gain-weight "$GAIN_WEIGHT" --readout "$READOUT"
+  --gain-weight "$GAIN_WEIGHT" --readout "$READOUT" ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"}
 [ -f "$WORK/default/model.json" ] || timed prune usn-perception --quiet prune \
   --model "$WORK/unpruned" --data "$WORK/data" --ratio "$RATIO" --rounds 3 --wasserstein 3 \
   --gain-weight "$GAIN_WEIGHT" --epochs "$PRUNE_EPOCHS" --seed "$SEED" --out "$WORK/default"
