@@ -21,7 +21,7 @@ Two architectures share that chain (``DetectorConfig.arch``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -116,12 +116,9 @@ class DetectorConfig:
 
     def with_widths(self, widths: Sequence[int]) -> DetectorConfig:
         """Same architecture with other per-layer widths (after pruning)."""
-        return DetectorConfig(
-            input_size=self.input_size, widths=tuple(int(w) for w in widths),
-            keypoint_names=self.keypoint_names, norm_mean=self.norm_mean,
-            norm_std=self.norm_std, readout=self.readout, arch=self.arch,
-            first_relu=self.first_relu, extra=dict(self.extra),
-        )
+        # replace(): every other field carries over, including ones added later (first_relu
+        # was nearly lost on pruning because this listed the fields by hand).
+        return replace(self, widths=tuple(int(w) for w in widths), extra=dict(self.extra))
 
 
 READOUTS = ('centroid', 'local-centroid', 'soft-argmax', 'argmax')

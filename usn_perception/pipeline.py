@@ -344,8 +344,8 @@ class FramePipeline:
                                      nominal=pred.keypoints,
                                      nominal_heatmaps=pred.heatmaps,
                                      nominal_trace=pred.trace, precision=s.precision)
-            if not (cert.stats.get('stopped') == 'time' and limit_ms != s.budget_ms):
-                # (a certificate the deadline cut short says nothing of what one costs)
+            cut_by_deadline = cert.stats.get('stopped') == 'time' and limit_ms != s.budget_ms
+            if not cut_by_deadline:  # a certificate cut short says nothing of what one costs
                 self._learn_cost(n, cert.stats['ms'])
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]
