@@ -119,8 +119,13 @@ def _nodal_inputs(enc, nodes: torch.Tensor, axis: int, *,
 
 
 def _deviation(d: torch.Tensor) -> torch.Tensor:
-    """max_j |D_j| per neuron (1, …): what a deviation's rounding scales with."""
-    return torch.maximum(d.amax(0, keepdim=True), -d.amin(0, keepdim=True))
+    """max_j |D_j| per neuron (1, …): what a deviation's rounding scales with.
+
+    Reduced in memory order: over a channels-last batch, ``amax(0)`` strides through memory
+    and took 3.5 ms instead of 0.24 ms on a node frame's first layer (12 nodes).
+    """
+    last = _channels_last(d)
+    return _unrows(_rows(d, last).abs().amax(0, keepdim=True), d[:1], last)
 
 
 def _linear(op: LinearOp, d: torch.Tensor, r: torch.Tensor, m: torch.Tensor | None,
@@ -308,8 +313,10 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     # Channels-last images: the float32 convolutions run ~25 % faster on them (oneDNN).
     layout = torch.channels_last if diff.ndim == 4 else torch.contiguous_format
     d = diff.to(dtype, memory_format=layout)
-    r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).repeat(
-        int(group[-1]) + 1, 1, 1, 1).contiguous(memory_format=layout)
+    # Every row is the same until the first ReLU tells the segments apart (a linear map's
+    # rounding is shared): carry one, and make the rows there.
+    rows = int(group[-1]) + 1
+    r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).contiguous(memory_format=layout)
     unstable = 0
     m = None  # max_j |D_j| when the previous op provides it
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
@@ -323,13 +330,15 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                 d, r = _affine(op, d, r, unit)
                 m = None
             else:
+                if r.shape[0] != rows:
+                    r = r.repeat(rows, 1, 1, 1).contiguous(memory_format=layout)
                 d, r, m, n = _relu(refs[i - 1] if i else v0, d, r, group, unit)
                 unstable += n
     if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
         return None
     v0 = (refs[-1] if refs else v0).flatten(2)
     logits = torch.cat([v0, v0 + d.double().flatten(2)])
-    radius = r.double().flatten(2).index_select(0, group)
+    radius = r.double().flatten(2).index_select(0, group if r.shape[0] == rows else group * 0)
     if flip:
         logits, radius = logits.flip(0), radius.flip(0)
     return logits, radius, unstable
