@@ -230,6 +230,37 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
             assert_sound(det, image, box, cert, readout, grid=7)
 
 
+@pytest.mark.parametrize('readout', ['local-centroid', 'argmax'])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (3, 'dark')])
+def test_plans_sized_by_work_take_leaves_then_parts_and_stay_sound(seed, side, readout):
+    det = homogeneous_shallow(seed, readout)
+    image = one_sided(seed, side)
+    natural = certify_keypoints(det, image, NODE_BOX, budget=Budget(1, max_ms=1e6))
+    g, segments = natural.stats['level_nodes'], natural.stats['leaves']
+    assert g > 0 and segments == 1  # one sub-box: one leaf over the natural nodes
+    last = None
+    for work in (1, g + 2, g + 4, g + 2 * g, 6 * g + 2 * g, 10_000):
+        cert = certify_keypoints(det, image, NODE_BOX,
+                                 budget=Budget(1, max_ms=1e6, level_work=work))
+        st = cert.stats
+        assert st['level_nodes'] >= g and st['budget']['level_work'] == work
+        assert st['level_work'] == st['level_nodes'] + 2 * st['leaves']
+        assert st['level_work'] <= max(work, g + 2)  # at least one leaf, else within the work
+        if last is not None:  # more work never plans less
+            assert (st['leaves'], st['level_nodes']) >= last
+        last = (st['leaves'], st['level_nodes'])
+        assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
+    assert last[1] > g  # the most work cuts the segments into parts ...
+    assert last[0] >= 2  # ... each natural segment keeping a leaf of its own
+
+
+def test_level_work_must_be_a_positive_integer():
+    for bad in (0, -3, 1.5):
+        with pytest.raises(ValueError, match='level_work'):
+            Budget(1, level_work=bad)
+    assert Budget(2, level_work=7.0).level_work == 7
+
+
 def linear_first_detector(seed: int, readout: str) -> Detector:
     """The homogeneous architecture without the first ReLU (``first_relu=False``)."""
     torch.manual_seed(seed)

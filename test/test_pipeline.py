@@ -127,6 +127,36 @@ def test_time_limit_sizes_the_partition_from_recent_frames(detector: Detector):
     assert result.certify_stats['budget']['max_subboxes'] == 3
 
 
+def test_time_limit_sizes_level_plans_by_their_work():
+    # Where a frame clips on one side only the certificate is bounded at its level nodes,
+    # whose cost is per network image and leaf, not per sub-box: the pipeline learns that
+    # cost apart and gives the clip segments leaves of their own when the time allows.
+    from test_free import homogeneous_shallow
+    from test_levels import one_sided
+
+    det = homogeneous_shallow(0, 'local-centroid')
+    frame = one_sided(0, 'dark')
+    fixed = IntervalSettings(mode='fixed', fixed_alpha=(0.95, 1.05), fixed_beta=(-0.03, 0.03))
+    pipe = FramePipeline(det, PipelineSettings(max_subboxes=1, budget_ms=1e4, interval=fixed))
+    assert pipe.level_work_for_next_frame(None) is None  # nothing measured yet
+    first = pipe.process(frame, 0.0).certify_stats
+    g = first['level_nodes']
+    assert g > 0 and first['leaves'] == 1 and first['budget']['level_work'] is None
+    assert pipe.ms_per_level_work == pytest.approx(first['ms'] / first['level_work'])
+    assert pipe.ms_per_subbox is None  # a level certificate says nothing of a sub-box's cost
+    pipe.ms_per_level_work = 10.0
+    assert pipe.level_work_for_next_frame(None) == 1000  # 1e4 ms at 10 ms a unit
+    assert pipe.level_work_for_next_frame(45.0) == 4  # what the frame has left, if less
+    pipe.ms_per_level_work = 1e4 / (g + 4.5)  # one network image per node, two leaves
+    two = pipe.process(frame, 1 / 30).certify_stats
+    assert two['budget']['level_work'] == g + 4 and two['leaves'] == 2
+    assert two['level_work'] == g + 4
+    replay = FramePipeline(det, PipelineSettings(max_subboxes=1, interval=fixed))
+    replay.ms_per_level_work = 1e-3  # ignored without a time limit: replays stay deterministic
+    assert replay.level_work_for_next_frame(None) is None
+    assert replay.process(frame, 0.0).certify_stats['leaves'] == 1
+
+
 def test_time_limit_also_fits_the_camera_frame_period(detector: Detector):
     pipe = FramePipeline(detector, PipelineSettings(max_subboxes=4, budget_ms=1e4))
     frames = _frames(3)

@@ -317,11 +317,17 @@ class _LevelPlan:
     axis: int
     nodes: torch.Tensor  # (G,) the box's ends and the present values between them
     points: int  # distinct network inputs among the nodes: what the plan costs
+    leaves: int  # contiguous groups of segments, each a radius row and a readout bound
 
     @property
     def segments(self) -> int:
         """Pieces between adjacent nodes: the most leaves the plan can use."""
         return self.nodes.shape[0] - 1
+
+    @property
+    def work(self) -> int:
+        """Network images and readout bounds it takes (``Budget.level_work``'s unit)."""
+        return self.points + 2 * self.leaves
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
@@ -340,6 +346,8 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
     points = evaluation_points(nodes, enc.values, enc.value_weights, axis)[0].shape[0]
     if points > cap:
         return None
+    if budget.level_work is not None:
+        return _plan_by_work(root, enc, axis, nodes, points, budget.level_work, max_nodes)
     # Leaves to spare: cut every segment into k parts, as many nodes as the budget allows.
     spare = min(cap, SUBDIVIDE_NODES_PER_SUBBOX * budget.max_subboxes)
     if budget.max_ms is not None:
@@ -350,7 +358,29 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
         if count <= spare:
             nodes, points = finer, count
             break
-    return _LevelPlan(root, axis, nodes, points)
+    return _LevelPlan(root, axis, nodes, points, min(budget.max_subboxes, nodes.shape[0] - 1))
+
+
+def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torch.Tensor,
+                  points: int, work: int, max_nodes: int) -> _LevelPlan:
+    """Leaves (then parts of segments) for a plan sized by ``Budget.level_work``.
+
+    First a leaf and radius row per segment, as many as the work allows (at least one);
+    once every segment has its own, each is cut into the most equal parts that still fit,
+    keeping one row and leaf per segment: measured on node frames (``docs/certification.md``,
+    "Sizing level plans by work"), cutting shortens the chord gaps that make the radius
+    for less than a row per part costs.
+    """
+    segments = nodes.shape[0] - 1
+    leaves = max(1, min(segments, (work - points) // 2))
+    if leaves == segments and segments > 0:
+        for k in range(LEVEL_SUBDIVIDE, 1, -1):
+            finer = level_nodes(root[0], enc.values, enc.value_weights, axis, subdivide=k)
+            count = evaluation_points(finer, enc.values, enc.value_weights, axis)[0].shape[0]
+            if count <= max_nodes and count + 2 * leaves <= work:
+                nodes, points = finer, count
+                break
+    return _LevelPlan(root, axis, nodes, points, leaves)
 
 
 def _threshold_root(net: CompiledNetwork, box: PhotometricBox, readout: str, method: str,
@@ -420,7 +450,8 @@ def certify_keypoints(
     pixel value in that threshold's range (:mod:`usn_perception.bounds.levels`, exact at
     each) when there are at most this many, at most :data:`NODES_PER_SUBBOX` per sub-box of
     the budget, and the budget is at most :data:`LEVEL_MAX_SUBBOXES`;
-    ``budget.max_subboxes`` is then the number of leaves (radius rows and readout bounds).
+    ``budget.max_subboxes`` is then the number of leaves (radius rows and readout bounds),
+    or ``budget.level_work`` sizes them (:class:`~usn_perception.bounds.box.Budget`).
     0 turns it off.
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
@@ -524,7 +555,8 @@ def certify_keypoints(
              'precision': precision if evaluate.relu == 'parallel' else 'float64',
              'coordinates': 'thresholds' if thresholds else 'theta',
              'exact_values': exact_values if evaluate.prefix else 0,
-             'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms}}
+             'budget': {'max_subboxes': budget.max_subboxes, 'max_ms': budget.max_ms,
+                        'level_work': budget.level_work}}
     if thresholds:
         # Partition first by ambiguous pixel mass, then refine adaptively with what is left.
         how = {'splitter': partial(threshold_splits, values=enc.values,
@@ -540,10 +572,11 @@ def certify_keypoints(
     if wants_levels:
         plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
     stats['level_nodes'] = 0 if plan is None else plan.points
+    stats['level_work'] = 0 if plan is None else plan.work
     try:
-        result = None if plan is None else _bound_levels(evaluate, plan, budget, deadline)
+        result = None if plan is None else _bound_levels(evaluate, plan, deadline)
         if result is None:
-            stats['level_nodes'] = 0
+            stats['level_nodes'] = stats['level_work'] = 0
             result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
     except BudgetExceeded:
         stats.update(subboxes=0, leaves=0, passes=0, stopped='time',
@@ -569,15 +602,14 @@ def certify_keypoints(
     return cert
 
 
-def _bound_levels(evaluate: _Evaluator, plan: _LevelPlan, budget: Budget,
+def _bound_levels(evaluate: _Evaluator, plan: _LevelPlan,
                   deadline: float | None) -> RefineResult | None:
-    """The whole certificate from the level nodes: one leaf per sub-box of the budget."""
-    leaves = min(budget.max_subboxes, plan.segments)
-    out = evaluate.levels(plan, leaves, deadline)
+    """The whole certificate from the level nodes, in the plan's leaves."""
+    out = evaluate.levels(plan, plan.leaves, deadline)
     if out is None:
         return None
-    stopped = 'converged' if leaves == plan.segments else 'budget'
-    return RefineResult(*out, leaves, 1, stopped, leaves)
+    stopped = 'converged' if plan.leaves == plan.segments else 'budget'
+    return RefineResult(*out, plan.leaves, 1, stopped, plan.leaves)
 
 
 def _check_heatmaps(detector, image_shape: tuple[int, ...], heatmaps: torch.Tensor,

@@ -162,6 +162,12 @@ class FramePipeline:
         #: Smoothed certification milliseconds per sub-box of the recent frames (None: none
         #: measured yet); drives the sub-box count under a time limit.
         self.ms_per_subbox: float | None = None
+        #: Smoothed certification milliseconds per unit of level work (``Budget.level_work``:
+        #: a network image at a level node or radius row, or a leaf's readout bound) of the
+        #: recent certificates bounded at level nodes (None: none yet); sizes the next level
+        #: plan under a time limit, so that the clip segments get leaves of their own when
+        #: the frame's time allows (a leaf costs ~1/8 of a propagated sub-box).
+        self.ms_per_level_work: float | None = None
         #: Smoothed stamp interval between frames (ms) and the frame's milliseconds outside
         #: certification (None: not measured yet): under a time limit the certificate is also
         #: sized to what the camera's frame period leaves.
@@ -206,14 +212,44 @@ class FramePipeline:
             return s.max_subboxes
         if self.ms_per_subbox is None:
             return 1
-        plan_ms = s.budget_ms
+        return int(max(1, min(s.max_subboxes, math.floor(self._plan_ms() / self.ms_per_subbox))))
+
+    def level_work_for_next_frame(self, limit_ms: float | None) -> int | None:
+        """``Budget.level_work`` for the next certificate, if it is bounded at level nodes.
+
+        None (the plan takes ``max_subboxes`` leaves) without a time limit, or before a
+        level certificate was measured; else the most units that fit what
+        :meth:`subboxes_for_next_frame` plans for, or ``limit_ms`` (what the frame has left)
+        when that is less, at the recent cost per unit (overhead included, so it errs low on
+        larger plans).
+        """
+        if self._settings.budget_ms is None or self.ms_per_level_work is None:
+            return None
+        plan_ms = self._plan_ms() if limit_ms is None else min(self._plan_ms(), limit_ms)
+        return int(max(1, math.floor(plan_ms / self.ms_per_level_work)))
+
+    def _plan_ms(self) -> float:
+        """Milliseconds a certificate plans for under a time limit.
+
+        ``budget_ms``, or less once the stamps show the camera's frame period (less the
+        frame's other stages).
+        """
+        plan_ms = self._settings.budget_ms
         if self.frame_period_ms is not None and self.other_ms is not None:
             plan_ms = min(plan_ms, self.frame_period_ms - self.other_ms)
-        return int(max(1, min(s.max_subboxes, math.floor(plan_ms / self.ms_per_subbox))))
+        return plan_ms
 
-    def _learn_cost(self, subboxes: int, ms: float) -> None:
-        """Fold one certificate's cost into :attr:`ms_per_subbox` (exponential average)."""
-        self.ms_per_subbox = _smooth(self.ms_per_subbox, ms / max(1, subboxes))
+    def _learn_cost(self, subboxes: int, stats: dict) -> None:
+        """Fold one certificate's cost into what it teaches (exponential averages).
+
+        :attr:`ms_per_level_work` when it was bounded at level nodes, else
+        :attr:`ms_per_subbox`.
+        """
+        work = stats.get('level_work', 0)
+        if work:
+            self.ms_per_level_work = _smooth(self.ms_per_level_work, stats['ms'] / work)
+        else:
+            self.ms_per_subbox = _smooth(self.ms_per_subbox, stats['ms'] / max(1, subboxes))
 
     def note_arrival(self, stamp: float) -> None:
         """A frame of the stream arrived (processed later, or dropped for a newer one).
@@ -336,9 +372,10 @@ class FramePipeline:
             status[wanted] = int(CertStatus.OUT_OF_BUDGET)
             stats = {'stopped': 'deadline', 'ms': 0.0}
         elif s.certify and wanted.any():
+            budget = Budget(max_subboxes=n, max_ms=limit_ms,
+                            level_work=self.level_work_for_next_frame(limit_ms))
             cert = certify_keypoints(self.detector, image, estimate.as_box(), readout=s.readout,
-                                     method=s.method,
-                                     budget=Budget(max_subboxes=n, max_ms=limit_ms),
+                                     method=s.method, budget=budget,
                                      max_width_px=s.max_width_px,
                                      exact_values=s.exact_values, level_nodes=s.level_nodes,
                                      nominal=pred.keypoints,
@@ -346,7 +383,7 @@ class FramePipeline:
                                      nominal_trace=pred.trace, precision=s.precision)
             cut_by_deadline = cert.stats.get('stopped') == 'time' and limit_ms != s.budget_ms
             if not cut_by_deadline:  # a certificate cut short says nothing of what one costs
-                self._learn_cost(n, cert.stats['ms'])
+                self._learn_cost(n, cert.stats)
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]
             stats = cert.stats

@@ -124,10 +124,17 @@ class Budget:
     ``max_ms`` is a wall-clock limit checked between layers: a first pass that cannot finish
     in time gives OUT_OF_BUDGET, a later pass that cannot finish is dropped and the previous
     (sound, looser) result is kept.
+
+    ``level_work`` sizes a certificate bounded at level nodes (:mod:`.levels`) by its work
+    instead: G + 2L for G network inputs (nodes) and L leaves (each a radius row through the
+    network and a readout bound), so a caller that learned what one unit costs (the node's
+    pipeline) can give every clip segment its own leaf when the time allows it; None: L
+    follows ``max_subboxes``.
     """
 
     max_subboxes: int = 1
     max_ms: float | None = None
+    level_work: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse budgets that cannot mean anything."""
@@ -136,6 +143,11 @@ class Budget:
         object.__setattr__(self, 'max_subboxes', int(self.max_subboxes))
         if self.max_ms is not None and not (math.isfinite(self.max_ms) and self.max_ms > 0):
             raise ValueError(f'max_ms must be positive and finite or None, got {self.max_ms}')
+        if self.level_work is not None:
+            if int(self.level_work) != self.level_work or self.level_work < 1:
+                raise ValueError(f'level_work must be an integer >= 1 or None, '
+                                 f'got {self.level_work}')
+            object.__setattr__(self, 'level_work', int(self.level_work))
 
 
 def box_centres(boxes: torch.Tensor) -> torch.Tensor:
