@@ -102,8 +102,27 @@ def test_radius_groups_are_contiguous_and_cover_every_segment():
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark'), (3, 'bright')])
 def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precision, reuse,
                                                      subdivide):
-    det = homogeneous_shallow(seed)
-    image = one_sided(seed, side)
+    _check_radius(homogeneous_shallow(seed), one_sided(seed, side), side, groups, precision,
+                  reuse, subdivide)
+
+
+@pytest.mark.parametrize('precision', ['float32', 'float64'])
+@pytest.mark.parametrize('groups', [None, 1, 2])
+@pytest.mark.parametrize('arch', ['linear-first', 'linear'])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_parts_interpolated_through_the_linear_start_stay_within_the_radius(seed, side, arch,
+                                                                            groups, precision):
+    # Cut segments' points skip the layers before the first ReLU (interpolated there from
+    # the natural ones); 'linear' has no ReLU at all, so they are interpolated at the end.
+    det = linear_first_shallow(seed, 'centroid')
+    if arch == 'linear':
+        det = Detector(torch.nn.Sequential(
+            *(m for m in det.net if not isinstance(m, torch.nn.ReLU))).eval(), det.config)
+    _check_radius(det, one_sided(seed, side), side, groups, precision, False, 3)
+
+
+def _check_radius(det, image, side, groups, precision, reuse, subdivide):
+    """The network's logits between the nodes lie within the interpolant ± the radius."""
     enc = ImageEncoding(image, det.config.input_size)
     net = compile_network(det.net, enc.shape)
     box = _rest(enc, OFFLINE_BOX)
