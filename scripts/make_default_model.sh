@@ -2,12 +2,13 @@
 # Reproduce the shipped models with the project's own CLI only (docs/model_card.md).
 #   bash scripts/make_default_model.sh [WORKDIR]             # build + measure into WORKDIR
 #   INSTALL=1 bash scripts/make_default_model.sh [WORKDIR]   # ... and copy into models/
-#   FIRST_RELU=0 bash scripts/make_default_model.sh [WORKDIR]  # linear first stage (no ReLU
-#                    after the first conv; docs/certification.md, "A linear first stage")
+#   FIRST_RELU=1 bash scripts/make_default_model.sh [WORKDIR]  # the ReLU after the first conv
+#                    kept (the default until session 14; docs/certification.md, "A linear
+#                    first stage")
 #
 # WORKDIR/data       the procedural dataset (2,000 images, seed 0)
-# WORKDIR/unpruned   homogeneous detector, local-centroid readout, certified training
-#                    (--gain-weight 0.5), 30 epochs
+# WORKDIR/unpruned   homogeneous detector with a linear first stage (--no-first-relu),
+#                    local-centroid readout, certified training (--gain-weight 0.5), 30 epochs
 # WORKDIR/default    unpruned -> USN progressive pruning + Wasserstein + certified fine-tuning
 # WORKDIR/plain      the accuracy-first plain detector (PLAIN=1 only: 20 epochs, ~35 min)
 # WORKDIR/eval_*.json, WORKDIR/cert_*  clean accuracy and certificates quoted by the model card
@@ -22,7 +23,7 @@ COUNT="${COUNT:-2000}"
 EPOCHS="${EPOCHS:-30}"
 GAIN_WEIGHT="${GAIN_WEIGHT:-0.5}"
 READOUT="${READOUT:-local-centroid}"
-FIRST_RELU="${FIRST_RELU:-1}"
+FIRST_RELU="${FIRST_RELU:-0}"
 ARCH_FLAGS=()
 [ "$FIRST_RELU" = 0 ] && ARCH_FLAGS+=(--no-first-relu)
 RATIO="${RATIO:-0.5}"
