@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from usn_perception.detector import Detector
 from usn_perception.errors import ImageError
 from usn_perception.interval import IntervalSettings
 from usn_perception.network import DetectorConfig, build_network
-from usn_perception.pipeline import FramePipeline, PipelineSettings
+from usn_perception.pipeline import LEVEL_BACKOFF, FramePipeline, PipelineSettings
 
 CONFIG = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
 FAST = PipelineSettings(max_subboxes=1)
@@ -127,7 +128,7 @@ def test_time_limit_sizes_the_partition_from_recent_frames(detector: Detector):
     assert result.certify_stats['budget']['max_subboxes'] == 3
 
 
-def test_time_limit_sizes_level_plans_by_their_work():
+def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     # Where a frame clips on one side only the certificate is bounded at its level nodes,
     # whose cost is per network image and leaf, not per sub-box: the pipeline learns that
     # cost apart and gives the clip segments leaves of their own when the time allows.
@@ -151,6 +152,23 @@ def test_time_limit_sizes_level_plans_by_their_work():
     two = pipe.process(frame, 1 / 30).certify_stats
     assert two['budget']['level_work'] == g + 4 and two['leaves'] == 2
     assert two['level_work'] == g + 4
+    # A plan the deadline cut was too big: the cost per unit backs off (a cut certificate
+    # is not learned from, so without it every frame would be planned the same and cut).
+    import usn_perception.pipeline as pipeline_module
+
+    real = pipeline_module.certify_keypoints
+
+    def slow_machine(*args, budget, **kwargs):  # the real engine, with almost no time left
+        return real(*args, budget=replace(budget, max_ms=1e-6), **kwargs)
+
+    monkeypatch.setattr(pipeline_module, 'certify_keypoints', slow_machine)
+    pipe.configure(deadline_ms=1e3)
+    pipe.ms_per_level_work = 10.0
+    cut = pipe.process(frame, 2 / 30)
+    monkeypatch.undo()
+    assert cut.certify_stats['stopped'] == 'time'
+    assert (cut.status == CertStatus.OUT_OF_BUDGET).all()
+    assert pipe.ms_per_level_work == pytest.approx(10.0 * LEVEL_BACKOFF)
     replay = FramePipeline(det, PipelineSettings(max_subboxes=1, interval=fixed))
     replay.ms_per_level_work = 1e-3  # ignored without a time limit: replays stay deterministic
     assert replay.level_work_for_next_frame(None) is None

@@ -37,6 +37,9 @@ from usn_perception.preprocess import check_image
 PIXEL_CONVENTION = ('image pixels; the centre of the top-left pixel is (0, 0), x right, '
                     'y down')
 SCHEMA = 'usn_perception.keypoints/1'
+#: Factor on the learned cost of a unit of level work after a level plan sized by it was cut
+#: by the deadline (the certificates that finish pull it back).
+LEVEL_BACKOFF = 1.25
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,10 @@ class FramePipeline:
             cut_by_deadline = cert.stats.get('stopped') == 'time' and limit_ms != s.budget_ms
             if not cut_by_deadline:  # a certificate cut short says nothing of what one costs
                 self._learn_cost(n, cert.stats)
+            elif budget.level_work is not None and self.ms_per_level_work is not None:
+                # ... except that a level plan sized by work was too big: back off, or every
+                # frame would be planned from the same too-low cost and cut again.
+                self.ms_per_level_work *= LEVEL_BACKOFF
             boxes[wanted] = cert.boxes[wanted]
             status[wanted] = cert.status[wanted]
             stats = cert.stats
