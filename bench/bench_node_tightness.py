@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f'Model: `{det.source}` ({det!r}); stream: {stream.describe()}; node settings: '
         f'budget_ms {NODE_SETTINGS.budget_ms:g}, shipped defaults otherwise')
     say()
-    head = ('| scene | frame | measured Θ (α; β) | level nodes | node certify ms | '
+    head = ('| scene | frame | measured Θ (α; β) | level nodes / leaves | node certify ms | '
             'predict ms | node tightness | node box px | empirical px |'
             + ''.join(f' {b} sub-boxes | ms |' for b in budgets))
     say(head)
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f' {r:.3g} | {ms:.0f} |')
         say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
             f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
-            f'{result.certify_stats.get("level_nodes", 0)} | '
+            f'{result.certify_stats.get("level_nodes", 0)} / '
+            f'{result.certify_stats.get("leaves", 0)} | '
             f'{result.timings_ms["certify"]:.1f} | {predict_ms:.1f} | '
             f'**{np.median(node_r):.3g}** | {np.median(_widths(result.boxes).max(1)):.3g} | '
             f'{np.median(emp.max(1)):.3g} |' + ''.join(cells))
