@@ -143,16 +143,11 @@ def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     first = pipe.process(frame, 0.0).certify_stats
     g = first['level_nodes']
     assert g > 0 and first['leaves'] == 1 and first['budget']['level_work'] is None
-    assert 0.0 < first['level_ms'] <= first['ms']
-    assert pipe.ms_per_level_work == pytest.approx(first['level_ms'] / first['level_work'])
-    assert pipe.level_fixed_ms == pytest.approx(first['ms'] - first['level_ms'])
+    assert pipe.ms_per_level_work == pytest.approx(first['ms'] / first['level_work'])
     assert pipe.ms_per_subbox is None  # a level certificate says nothing of a sub-box's cost
-    pipe.ms_per_level_work, pipe.level_fixed_ms = 10.0, 0.0
+    pipe.ms_per_level_work = 10.0
     assert pipe.level_work_for_next_frame(None) == 1000  # 1e4 ms at 10 ms a unit
     assert pipe.level_work_for_next_frame(45.0) == 4  # what the frame has left, if less
-    pipe.level_fixed_ms = 20.0  # the fixed part is planned for first
-    assert pipe.level_work_for_next_frame(45.0) == 2
-    pipe.level_fixed_ms = 0.0
     pipe.ms_per_level_work = 1e4 / (g + 4.5)  # one network image per node, two leaves
     two = pipe.process(frame, 1 / 30).certify_stats
     assert two['budget']['level_work'] == g + 4 and two['leaves'] == 2

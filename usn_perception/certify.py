@@ -574,11 +574,8 @@ def certify_keypoints(
     stats['level_nodes'] = 0 if plan is None else plan.points
     stats['level_work'] = 0 if plan is None else plan.work
     try:
-        t_level = time.perf_counter()
         result = None if plan is None else _bound_levels(evaluate, plan, deadline)
-        if result is not None:  # what the plan's work took, apart from the fixed setup
-            stats['level_ms'] = (time.perf_counter() - t_level) * 1000.0
-        else:
+        if result is None:
             stats['level_nodes'] = stats['level_work'] = 0
             result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
     except BudgetExceeded:

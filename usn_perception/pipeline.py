@@ -171,9 +171,6 @@ class FramePipeline:
         #: plan under a time limit, so that the clip segments get leaves of their own when
         #: the frame's time allows (a leaf costs ~1/8 of a propagated sub-box).
         self.ms_per_level_work: float | None = None
-        #: Smoothed milliseconds of those certificates outside their plan's work (the image's
-        #: encoding, the plan itself): planned for before the units.
-        self.level_fixed_ms: float | None = None
         #: Smoothed stamp interval between frames (ms) and the frame's milliseconds outside
         #: certification (None: not measured yet): under a time limit the certificate is also
         #: sized to what the camera's frame period leaves.
@@ -226,13 +223,12 @@ class FramePipeline:
         None (the plan takes ``max_subboxes`` leaves) without a time limit, or before a
         level certificate was measured; else the most units that fit what
         :meth:`subboxes_for_next_frame` plans for, or ``limit_ms`` (what the frame has left)
-        when that is less, less the recent certificates' fixed part, at their recent cost
-        per unit.
+        when that is less, at the recent cost per unit (overhead included, so it errs low on
+        larger plans).
         """
         if self._settings.budget_ms is None or self.ms_per_level_work is None:
             return None
         plan_ms = self._plan_ms() if limit_ms is None else min(self._plan_ms(), limit_ms)
-        plan_ms -= self.level_fixed_ms or 0.0
         return int(max(1, math.floor(plan_ms / self.ms_per_level_work)))
 
     def _plan_ms(self) -> float:
@@ -254,9 +250,7 @@ class FramePipeline:
         """
         work = stats.get('level_work', 0)
         if work:
-            level_ms = stats.get('level_ms', stats['ms'])
-            self.ms_per_level_work = _smooth(self.ms_per_level_work, level_ms / work)
-            self.level_fixed_ms = _smooth(self.level_fixed_ms, stats['ms'] - level_ms)
+            self.ms_per_level_work = _smooth(self.ms_per_level_work, stats['ms'] / work)
         else:
             self.ms_per_subbox = _smooth(self.ms_per_subbox, stats['ms'] / max(1, subboxes))
 
