@@ -14,7 +14,12 @@ from usn_perception.detector import Detector
 from usn_perception.errors import ImageError
 from usn_perception.interval import IntervalSettings
 from usn_perception.network import DetectorConfig, build_network
-from usn_perception.pipeline import LEVEL_BACKOFF, FramePipeline, PipelineSettings
+from usn_perception.pipeline import (
+    LEVEL_BACKOFF,
+    LEVEL_DEADLINE_SHARE,
+    FramePipeline,
+    PipelineSettings,
+)
 
 CONFIG = DetectorConfig(input_size=(64, 48), widths=(8,) * 9)
 FAST = PipelineSettings(max_subboxes=1)
@@ -147,8 +152,10 @@ def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     assert pipe.ms_per_subbox is None  # a level certificate says nothing of a sub-box's cost
     pipe.ms_per_level_work = 10.0
     assert pipe.level_work_for_next_frame(None) == 1000  # 1e4 ms at 10 ms a unit
-    assert pipe.level_work_for_next_frame(45.0) == 4  # what the frame has left, if less
-    pipe.ms_per_level_work = 1e4 / (g + 4.5)  # one network image per node, two leaves
+    # what the frame has left, if less, with a share kept for the cost's noise
+    assert pipe.level_work_for_next_frame(45.0) == int(LEVEL_DEADLINE_SHARE * 45.0 / 10.0)
+    # one network image per node, two leaves, in the share of the 1e4-ms budget
+    pipe.ms_per_level_work = LEVEL_DEADLINE_SHARE * 1e4 / (g + 4.5)
     two = pipe.process(frame, 1 / 30).certify_stats
     assert two['budget']['level_work'] == g + 4 and two['leaves'] == 2
     assert two['level_work'] == g + 4
