@@ -174,7 +174,8 @@ class FramePipeline:
         #: a network image at a level node or radius row, or a leaf's readout bound) of the
         #: recent certificates bounded at level nodes (None: none yet); sizes the next level
         #: plan under a time limit, so that the clip segments get leaves of their own when
-        #: the frame's time allows (a leaf costs ~1/8 of a propagated sub-box).
+        #: the frame's time allows (on a node frame a leaf costs ~2 ms, its row and readout
+        #: bound, against ~17 ms for a propagated sub-box).
         self.ms_per_level_work: float | None = None
         #: Smoothed stamp interval between frames (ms) and the frame's milliseconds outside
         #: certification (None: not measured yet): under a time limit the certificate is also
@@ -394,7 +395,8 @@ class FramePipeline:
             cut_by_deadline = cert.stats.get('stopped') == 'time' and limit_ms != s.budget_ms
             if not cut_by_deadline:  # a certificate cut short says nothing of what one costs
                 self._learn_cost(n, cert.stats)
-            elif budget.level_work is not None and self.ms_per_level_work is not None:
+            elif cert.stats.get('level_work') and budget.level_work is not None and (
+                    self.ms_per_level_work is not None):
                 # ... except that a level plan sized by work was too big: back off, or every
                 # frame would be planned from the same too-low cost and cut again.
                 self.ms_per_level_work *= LEVEL_BACKOFF
