@@ -352,13 +352,26 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
     spare = min(cap, SUBDIVIDE_NODES_PER_SUBBOX * budget.max_subboxes)
     if budget.max_ms is not None:
         spare = 0  # sized by time (the node): keep the cost per sub-box what was measured
-    for k in range(min(LEVEL_SUBDIVIDE, spare // points), 1, -1):
+    cut = _cut_segments(root, enc, axis, min(LEVEL_SUBDIVIDE, spare // points),
+                        lambda count: count <= spare)
+    if cut is not None:
+        nodes, points = cut
+    return _LevelPlan(root, axis, nodes, points, min(budget.max_subboxes, nodes.shape[0] - 1))
+
+
+def _cut_segments(root: torch.Tensor, enc: ImageEncoding, axis: int, most: int,
+                  fits: Callable[[int], bool]) -> tuple[torch.Tensor, int] | None:
+    """Every segment cut into the most equal parts, at most ``most``, that still fit.
+
+    Returns (nodes, count of distinct network inputs) for the first cut whose count ``fits``,
+    or None when none does.
+    """
+    for k in range(most, 1, -1):
         finer = level_nodes(root[0], enc.values, enc.value_weights, axis, subdivide=k)
         count = evaluation_points(finer, enc.values, enc.value_weights, axis)[0].shape[0]
-        if count <= spare:
-            nodes, points = finer, count
-            break
-    return _LevelPlan(root, axis, nodes, points, min(budget.max_subboxes, nodes.shape[0] - 1))
+        if fits(count):
+            return finer, count
+    return None
 
 
 def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torch.Tensor,
@@ -374,12 +387,10 @@ def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torc
     segments = nodes.shape[0] - 1
     leaves = max(1, min(segments, (work - points) // 2))
     if leaves == segments and segments > 0:
-        for k in range(LEVEL_SUBDIVIDE, 1, -1):
-            finer = level_nodes(root[0], enc.values, enc.value_weights, axis, subdivide=k)
-            count = evaluation_points(finer, enc.values, enc.value_weights, axis)[0].shape[0]
-            if count <= max_nodes and count + 2 * leaves <= work:
-                nodes, points = finer, count
-                break
+        cut = _cut_segments(root, enc, axis, LEVEL_SUBDIVIDE,
+                            lambda count: count <= max_nodes and count + 2 * leaves <= work)
+        if cut is not None:
+            nodes, points = cut
     return _LevelPlan(root, axis, nodes, points, leaves)
 
 
