@@ -482,8 +482,11 @@ def test_first_cells_are_a_stable_sorts_first_cells():
     for count in (0, 1, 7, 50):
         index, valid = _first_cells(mask, count)
         order = mask.to(torch.int8).sort(dim=-1, descending=True, stable=True)
-        assert torch.equal(index, order.indices[..., :count])
         assert torch.equal(valid, order.values[..., :count].bool())
+        # The set cells in index order; padding is index 0, flagged unset.
+        assert torch.equal(torch.where(valid, index, 0),
+                           torch.where(valid, order.indices[..., :count], 0))
+        assert not bool(index[~valid].any())
 
 
 def test_local_centroid_bounds_beat_centroid_when_far_cells_are_uncertain():

@@ -21,9 +21,18 @@ min_θ (h_j − h_i)(θ) > slack; the readout lies in the bounding box of the ot
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
+from usn_perception.bounds.forms import (
+    box_view,
+    form_at,
+    form_corners,
+    form_range,
+    lower,
+    upper,
+)
 from usn_perception.bounds.propagate import relu_forms
 from usn_perception.readout import LOCAL_RADIUS
 
@@ -35,10 +44,14 @@ COORD_SLACK = 1e-7
 UNDERFLOW = 1e-280
 
 
+def _box_centres(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 2) centre θ of each sub-box."""
+    return torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
+
+
 def reference_cells(centre: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(N, K) index of the cell with the largest centre form at each sub-box's centre θ."""
-    theta = torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
-    return form_at(centre, theta).argmax(-1)
+    return form_at(centre, _box_centres(boxes)).argmax(-1)
 
 
 def _gather_cells(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -46,16 +59,45 @@ def _gather_cells(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(3, idx[:, None, :, None].expand(t.shape[0], t.shape[1], -1, 1))
 
 
+class LogitRanges(NamedTuple):
+    """Each logit (N, K, n) over its sub-box: value at the box's centre θ, least, most, and
+    the magnitude max(|lo|, |hi|) that scales its rounding slack."""
+
+    mid: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    mag: torch.Tensor
+
+
+def logit_ranges(centre: torch.Tensor, radius: torch.Tensor,
+                 boxes: torch.Tensor) -> LogitRanges:
+    """The exact range of every logit's bounds C ∓ R over its sub-box, with its centre value.
+
+    A constant radius (k = 1, every level leaf and the parallel relaxation's) leaves the
+    θ-coefficients to the centre form, so both ends share its centre value and spread
+    (about a third of the whole-heatmap work of bounding C − R and C + R apart).
+    """
+    mid = form_at(centre, _box_centres(boxes))
+    if radius.shape[1] == 1 and centre.shape[1] == 3:
+        _, ar, _, br = box_view(boxes, centre.ndim - 1)
+        spread = (centre[:, 1].abs() * ar).add_(centre[:, 2].abs() * br).add_(radius[:, 0])
+        lo, hi = mid - spread, mid + spread
+        return LogitRanges(mid, lo, hi, mid.abs().add_(spread))
+    lo = form_range(lower(centre, radius), boxes)[0]
+    hi = form_range(upper(centre, radius), boxes)[1]
+    return LogitRanges(mid, lo, hi, torch.maximum(lo.abs(), hi.abs()))
+
+
 def logit_range(centre: torch.Tensor, radius: torch.Tensor,
                 boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K, n) each: the smallest and largest value of each logit over its sub-box."""
-    return form_range(lower(centre, radius), boxes)[0], form_range(upper(centre, radius), boxes)[1]
+    ranges = logit_ranges(centre, radius, boxes)
+    return ranges.lo, ranges.hi
 
 
 def logit_slack(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(N, K, n) magnitude bound max(|lower|, |upper|) of each logit over its sub-box."""
-    lo, hi = logit_range(centre, radius, boxes)
-    return torch.maximum(lo.abs(), hi.abs())
+    return logit_ranges(centre, radius, boxes).mag
 
 
 def difference_forms(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
@@ -349,26 +391,29 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     gu, gv = grid
     width = int(gu.max().item()) + 1
     height = int(gv.max().item()) + 1
-    lo, hi = logit_range(centre, radius, boxes)
-    mag = torch.maximum(lo.abs(), hi.abs())
-    possible = possible_argmax(centre, radius, boxes, ranges=(lo, hi))  # (N, K, n)
+    ranges = logit_ranges(centre, radius, boxes)
+    mag = ranges.mag
+    possible = possible_argmax(centre, radius, boxes, ranges=ranges)  # (N, K, n)
     count = possible.sum(-1)  # (N, K)
-    cand_box = _cell_box(possible, grid)
+    few = count <= LOCAL_CANDIDATES
+    n_cand = int(count[few].max()) if bool(few.any()) else 0
+    # The first n_cand possible cells of every row (padding flagged invalid).
+    cand, valid = _first_cells(possible, n_cand)  # (N, K, L)
+    pu, pv = cand % width, cand // width
+    if bool(few.all()):  # the candidates' box from the candidates, not the whole heatmap
+        cand_box = _cell_box(valid, (pu.to(gu.dtype), pv.to(gv.dtype)))
+    else:
+        cand_box = _cell_box(possible, grid)
     grown = torch.stack([(cand_box[..., 0] - window).clamp(min=0),
                          (cand_box[..., 1] + window).clamp(max=width - 1),
                          (cand_box[..., 2] - window).clamp(min=0),
                          (cand_box[..., 3] + window).clamp(max=height - 1)], -1)
-    few = count <= LOCAL_CANDIDATES
     if not bool(few.any()):
         return grown
-    n_cand = int(count[few].max())
-    # The first n_cand possible cells of every row (padding flagged invalid).
-    cand, valid = _first_cells(possible, n_cand)  # (N, K, L)
     valid = valid & few[..., None]
     off = torch.arange(-window, window + 1, device=centre.device)
     dv, du = torch.meshgrid(off, off, indexing='ij')
     du, dv = du.reshape(-1), dv.reshape(-1)  # (m,) row-major window offsets
-    pu, pv = cand % width, cand // width
     wu = pu[..., None] + du
     wv = pv[..., None] + dv
     inside = (wu >= 0) & (wu < width) & (wv >= 0) & (wv < height)  # (N, K, L, m)
@@ -424,40 +469,50 @@ def _gather_many(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def _first_cells(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (N, K, count) of the first ``count`` set cells of each row, and which are set.
 
-    Unset cells fill the rest in index order (a stable sort's order; ``topk`` on distinct keys
-    finds them without sorting the row).
+    The set cells come in index order (a stable sort's first ones); the rest of a row is
+    padding, index 0 and flagged unset. One pass finds every set cell (``nonzero``), which
+    costs far less than sorting or ranking whole heatmaps when few cells are set.
     """
-    n = mask.shape[-1]
-    key = torch.arange(n, 0, -1, device=mask.device).expand_as(mask) + mask * n
-    index = key.topk(count, dim=-1).indices
-    return index, mask.gather(-1, index)
+    *lead, n = mask.shape
+    flat = mask.reshape(-1, n)
+    index = torch.zeros((flat.shape[0], count), dtype=torch.long, device=mask.device)
+    valid = torch.zeros((flat.shape[0], count), dtype=torch.bool, device=mask.device)
+    if count:
+        row, col = flat.nonzero(as_tuple=True)  # row-major: each row's cells in order
+        per_row = flat.sum(-1)
+        first = torch.cumsum(per_row, 0) - per_row
+        pos = torch.arange(row.shape[0], device=mask.device) - first[row]
+        keep = pos < count
+        row, pos = row[keep], pos[keep]
+        index[row, pos] = col[keep]
+        valid[row, pos] = True
+    return index.view(*lead, count), valid.view(*lead, count)
 
 
 def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,
-                    witnesses: int = 4,
-                    ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    witnesses: int = 4, ranges: LogitRanges | None = None) -> torch.Tensor:
     """(N, K, n) mask of the cells that may be the argmax somewhere in each sub-box.
 
     Cell i is excluded when a witness j (the reference cell and the ``witnesses`` best lower
     bounds at the box centre) satisfies min_θ (h_j − h_i)(θ) > slack. The comparison of
     concrete ranges, min h_j − max h_i > slack, implies that test and costs nothing per θ, so it
-    runs first on the whole heatmap and the forms are compared on the survivors only: the
-    mask is the same as testing every cell with forms. ``ranges`` is :func:`logit_range`,
-    when the caller has it.
+    runs first on the whole heatmap (all witnesses at once: cell i survives unless its
+    max h_i + s·mag_i lies below some witness's min h_j − s·(scale + mag_j)) and the forms
+    are compared on the survivors only: the mask is the same as testing every cell with forms.
+    ``ranges`` is :func:`logit_ranges`, when the caller has it.
     """
-    theta = torch.stack([0.5 * (boxes[:, 0] + boxes[:, 1]), 0.5 * (boxes[:, 2] + boxes[:, 3])], 1)
+    if ranges is None:
+        ranges = logit_ranges(centre, radius, boxes)
+    mid, lo, hi, mag = ranges
     k = min(witnesses, centre.shape[-1])
-    cand = torch.cat([reference_cells(centre, boxes)[..., None],
-                      form_at(lower(centre, radius), theta).topk(k, -1).indices], -1)
-    lo, hi = logit_range(centre, radius, boxes) if ranges is None else ranges
-    mag = torch.maximum(lo.abs(), hi.abs())
+    # The best lower bounds at the box centre: C − R there (R's θ-terms when it has them).
+    low_mid = mid - form_at(radius, _box_centres(boxes))
+    cand = torch.cat([mid.argmax(-1, keepdim=True), low_mid.topk(k, -1).indices], -1)
     scale = mag.amax(-1, keepdim=True)
     # Argmax ignores the heatmap's scale: the slack is relative to its largest logit.
-    lo_w, mag_w = lo.gather(2, cand), mag.gather(2, cand)  # (N, K, W)
-    survive = torch.ones_like(mag, dtype=torch.bool)
-    for w in range(cand.shape[-1]):
-        slack = LOGIT_SLACK * (scale + mag + mag_w[..., w:w + 1])
-        survive &= ~(lo_w[..., w:w + 1] - hi > slack)
+    mag_w = mag.gather(2, cand)  # (N, K, W)
+    beat = (lo.gather(2, cand) - LOGIT_SLACK * (scale + mag_w)).amax(-1, keepdim=True)
+    survive = hi.add(mag, alpha=LOGIT_SLACK) >= beat
     n_keep = int(survive.sum(-1).max())
     idx, valid = _first_cells(survive, n_keep)  # (N, K, S)
     c_i, r_i, mag_i = _gather_many(centre, idx), _gather_many(radius, idx), mag.gather(2, idx)
@@ -467,8 +522,9 @@ def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Ten
         gap = lower(_gather_cells(centre, j) - c_i, _gather_cells(radius, j) + r_i)
         slack = LOGIT_SLACK * (scale + mag_i + mag_w[..., w:w + 1])
         possible &= ~(form_range(gap, boxes)[0] > slack)
-    out = torch.zeros_like(survive)
-    return out.scatter_(2, idx, possible)
+    # Padding (index 0, unset) adds a 0 to a cell that the max keeps as it was.
+    out = torch.zeros(survive.shape, dtype=torch.uint8, device=survive.device)
+    return out.scatter_reduce_(2, idx, possible.to(torch.uint8), 'amax').bool()
 
 
 def _cell_box(mask: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
