@@ -60,8 +60,11 @@ def _gather_cells(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class LogitRanges(NamedTuple):
-    """Each logit (N, K, n) over its sub-box: value at the box's centre θ, least, most, and
-    the magnitude max(|lo|, |hi|) that scales its rounding slack."""
+    """Each logit (N, K, n) over its sub-box.
+
+    Its value at the box's centre θ, least and most values, and the magnitude
+    max(|lo|, |hi|) that scales its rounding slack.
+    """
 
     mid: torch.Tensor
     lo: torch.Tensor
