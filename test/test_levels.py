@@ -32,7 +32,13 @@ from usn_perception.bounds.levels import (
     reference_unclipped,
 )
 from usn_perception.bounds.thresholds import carve_free, threshold_row
-from usn_perception.certify import NODES_PER_SUBBOX, Budget, PhotometricBox, certify_keypoints
+from usn_perception.certify import (
+    LEAF_WORK,
+    NODES_PER_SUBBOX,
+    Budget,
+    PhotometricBox,
+    certify_keypoints,
+)
 from usn_perception.detector import Detector, load_detector
 from usn_perception.network import DetectorConfig, build_network
 
@@ -121,8 +127,24 @@ def test_parts_interpolated_through_the_linear_start_stay_within_the_radius(seed
     _check_radius(det, one_sided(seed, side), side, groups, precision, False, 3)
 
 
-def _check_radius(det, image, side, groups, precision, reuse, subdivide):
-    """The network's logits between the nodes lie within the interpolant ± the radius."""
+@pytest.mark.parametrize('groups', [None, 1, 2])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark')])
+def test_offset_rows_hold_and_narrow_shared_rows(seed, side, groups):
+    """The band stays sound without offset rows too, and the offset rows never widen it."""
+    det, image = homogeneous_shallow(seed), one_sided(seed, side)
+    plain = _check_radius(det, image, side, groups, 'float32', False, 1, offset=False)
+    offset = _check_radius(det, image, side, groups, 'float32', False, 1, offset=True)
+    # Rounding terms aside, a band centred on its offset is never wider than ± the wider side.
+    assert bool((offset <= plain * (1 + 1e-4) + 1e-12).all())
+    if groups == 1:  # one row over several segments: the gaps' one-sidedness pays
+        assert float(offset.mean()) < 0.95 * float(plain.mean())
+
+
+def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offset=True):
+    """The network's logits between the nodes lie within the interpolant ± the radius.
+
+    Returns the radius (G − 1, K, P).
+    """
     enc = ImageEncoding(image, det.config.input_size)
     net = compile_network(det.net, enc.shape)
     box = _rest(enc, OFFLINE_BOX)
@@ -135,7 +157,7 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide):
     trace = det.run(image, trace=True).trace if reuse else None
     group = None if groups is None else radius_groups(nodes.shape[0] - 1, groups)
     logits, radius, _ = level_logits(net, enc, nodes, axis, group=group, precision=precision,
-                                     nominal=trace)
+                                     nominal=trace, offset=offset)
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     scale = float(logits.abs().max())
     for s in range(nodes.shape[0] - 1):
@@ -149,6 +171,7 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide):
         assert bool((gap <= radius[s] + 1e-12 * scale).all()), float((gap - radius[s]).max())
     if groups is None:  # per-segment radii: tight where the network is nearly linear
         assert float(radius.max()) < 0.05 * scale
+    return radius
 
 
 @pytest.mark.skipif(not DEFAULT.exists(), reason='shipped model not present')
@@ -258,13 +281,15 @@ def test_plans_sized_by_work_take_leaves_then_parts_and_stay_sound(seed, side, r
     g, segments = natural.stats['level_nodes'], natural.stats['leaves']
     assert g > 0 and segments == 1  # one sub-box: one leaf over the natural nodes
     last = None
-    for work in (1, g + 2, g + 4, g + 2 * g, 6 * g + 2 * g, 10_000):
+    for work in (1, g + LEAF_WORK, g + 2 * LEAF_WORK, g + LEAF_WORK * g,
+                 6 * g + LEAF_WORK * g, 10_000):
         cert = certify_keypoints(det, image, NODE_BOX,
                                  budget=Budget(1, max_ms=1e6, level_work=work))
         st = cert.stats
         assert st['level_nodes'] >= g and st['budget']['level_work'] == work
-        assert st['level_work'] == st['level_nodes'] + 2 * st['leaves']
-        assert st['level_work'] <= max(work, g + 2)  # at least one leaf, else within the work
+        assert st['level_work'] == st['level_nodes'] + LEAF_WORK * st['leaves']
+        # at least one leaf, else within the work
+        assert st['level_work'] <= max(work, g + LEAF_WORK)
         if last is not None:  # more work never plans less
             assert (st['leaves'], st['level_nodes']) >= last
         last = (st['leaves'], st['level_nodes'])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from usn_perception.certify import CertStatus
+from usn_perception.certify import LEAF_WORK, CertStatus
 from usn_perception.detector import Detector
 from usn_perception.errors import ImageError
 from usn_perception.interval import IntervalSettings
@@ -155,10 +155,10 @@ def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     # what the frame has left, if less, with a share kept for the cost's noise
     assert pipe.level_work_for_next_frame(45.0) == int(LEVEL_DEADLINE_SHARE * 45.0 / 10.0)
     # one network image per node, two leaves, in the share of the 1e4-ms budget
-    pipe.ms_per_level_work = LEVEL_DEADLINE_SHARE * 1e4 / (g + 4.5)
+    pipe.ms_per_level_work = LEVEL_DEADLINE_SHARE * 1e4 / (g + 2 * LEAF_WORK + 0.5)
     two = pipe.process(frame, 1 / 30).certify_stats
-    assert two['budget']['level_work'] == g + 4 and two['leaves'] == 2
-    assert two['level_work'] == g + 4
+    assert two['budget']['level_work'] == g + 2 * LEAF_WORK and two['leaves'] == 2
+    assert two['level_work'] == g + 2 * LEAF_WORK
     # A plan the deadline cut was too big: the cost per unit backs off (a cut certificate
     # is not learned from, so without it every frame would be planned the same and cut).
     import usn_perception.pipeline as pipeline_module

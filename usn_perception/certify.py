@@ -105,6 +105,11 @@ LEVEL_MAX_SUBBOXES = 32
 #: predict) and 1.34 at 16.
 SUBDIVIDE_NODES_PER_SUBBOX = 4
 LEVEL_SUBDIVIDE = 6
+#: ``Budget.level_work`` units of one leaf of a level plan: its radius row and offset row
+#: through the network (the offset row from the first ReLU on) and its readout bound. Fitted
+#: on node frames (session 15, total ms ≈ a + 1.2·G + 2.3–2.7·rows + 0.7·leaves with
+#: offset rows, G the network inputs at ~1.2 ms each): a leaf costs ~2.7 inputs.
+LEAF_WORK = 3
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
@@ -317,7 +322,7 @@ class _LevelPlan:
     axis: int
     nodes: torch.Tensor  # (G,) the box's ends and the present values between them
     points: int  # distinct network inputs among the nodes: what the plan costs
-    leaves: int  # contiguous groups of segments, each a radius row and a readout bound
+    leaves: int  # contiguous groups of segments: a radius and offset row, a readout bound
 
     @property
     def segments(self) -> int:
@@ -327,7 +332,7 @@ class _LevelPlan:
     @property
     def work(self) -> int:
         """Network images and readout bounds it takes (``Budget.level_work``'s unit)."""
-        return self.points + 2 * self.leaves
+        return self.points + LEAF_WORK * self.leaves
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
@@ -385,10 +390,10 @@ def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torc
     for less than a row per part costs.
     """
     segments = nodes.shape[0] - 1
-    leaves = max(1, min(segments, (work - points) // 2))
+    leaves = max(1, min(segments, (work - points) // LEAF_WORK))
     if leaves == segments and segments > 0:
-        cut = _cut_segments(root, enc, axis, LEVEL_SUBDIVIDE,
-                            lambda count: count <= max_nodes and count + 2 * leaves <= work)
+        cut = _cut_segments(root, enc, axis, LEVEL_SUBDIVIDE, lambda count: count <= max_nodes
+                            and count + LEAF_WORK * leaves <= work)
         if cut is not None:
             nodes, points = cut
     return _LevelPlan(root, axis, nodes, points, leaves)

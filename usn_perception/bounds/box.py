@@ -126,10 +126,10 @@ class Budget:
     (sound, looser) result is kept.
 
     ``level_work`` sizes a certificate bounded at level nodes (:mod:`.levels`) by its work
-    instead: G + 2L for G network inputs (nodes) and L leaves (each a radius row through the
-    network and a readout bound), so a caller that learned what one unit costs (the node's
-    pipeline) can give every clip segment its own leaf when the time allows it; None: L
-    follows ``max_subboxes``.
+    instead: G + 3L for G network inputs (nodes) and L leaves (each a radius row and an
+    offset row through the network and a readout bound), so a caller that learned what one
+    unit costs (the node's pipeline) can give every clip segment its own leaf when the time
+    allows it; None: L follows ``max_subboxes``.
     """
 
     max_subboxes: int = 1

@@ -16,7 +16,10 @@ image per layer). Linear maps keep interpolants exact (r moves through |W|). A R
 nodal values to ReLU(c_j); it adds to r only where a neuron changes sign between two adjacent
 nodes, by at most |a|·b / (|a| + b) for node values a < 0 < b (the gap between the chord of
 ReLU over that segment and ReLU itself), and a segment keeps its r unless the neuron is off
-at both its nodes, radius included.
+at both its nodes, radius included. That gap is one-sided (ReLU lies below its chord), so each
+row also carries an *offset row* o: the error is in the band o ± r, the offset moves through
+W with its signs (where one-sided gaps of neighbouring neurons partly cancel) and the radius
+through |W|, at one more image per row after the first ReLU.
 
 Contiguous segments are then grouped into leaves, each an ordinary affine form in the active
 threshold (the chord of its end nodes' logits, widened by its inner nodes' deviations from
@@ -177,65 +180,98 @@ def _deviation(d: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(op: LinearOp, d: torch.Tensor, r: torch.Tensor, m: torch.Tensor | None,
-            unit: float) -> tuple:
-    """W·D for the deviations, |W| for the radii (the reference node is traced apart).
+            unit: float, o: torch.Tensor | None = None) -> tuple:
+    """W·D for the deviations, |W| for the radii, W·o for offset rows (see :func:`_relu`).
 
-    ``m`` ≥ max_j|D_j| when the previous op knows it (else computed here).
+    ``m`` ≥ max_j|D_j| when the previous op knows it (else computed here). The reference
+    node is traced apart.
     """
     if op.fan_in == 0:  # moves values only: exact
-        return op.apply(d), op.apply(r)
+        return op.apply(d), op.apply(r), None if o is None else op.apply(o)
     if m is None:
         m = _deviation(d)
-    src = r + m.mul_(gamma(op.fan_in + 1, unit))  # + 1: the weights' own rounding
+    gam = gamma(op.fan_in + 1, unit)  # + 1: the weights' own rounding
+    src = r + m.mul_(gam)
+    if o is not None:  # W·o rounds like W·D: within γ·|W|·|o|
+        src.add_(o.abs().mul_(gam))
+        o = op.apply(o)
     d = op.apply(d)
     r = op.apply(src) if op.nonneg else op.apply_abs(src)
-    return d, r.mul_(1.0 + 4.0 * gamma(op.fan_in + 16, unit)).add_(TINY)
+    return d, r.mul_(1.0 + 4.0 * gamma(op.fan_in + 16, unit)).add_(TINY), o
 
 
-def _affine(op: AffineOp, d: torch.Tensor, r: torch.Tensor, unit: float) -> tuple:
+def _affine(op: AffineOp, d: torch.Tensor, r: torch.Tensor, unit: float,
+            o: torch.Tensor | None = None) -> tuple:
     scale_d = torch.as_tensor(op.scale).to(d.dtype)
     src = r + _deviation(d).mul_(gamma(2, unit))  # the scale's rounding and the product's
-    return d * scale_d, (src * scale_d.abs()).mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY)
+    if o is not None:
+        src.add_(o.abs().mul_(gamma(2, unit)))
+        o = o * scale_d
+    return (d * scale_d, (src * scale_d.abs()).mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY),
+            o)
+
+
+def _fold(r: torch.Tensor, o: torch.Tensor, unit: float) -> torch.Tensor:
+    """A radius that holds the band o ± r: r + |o|, rounded up."""
+    return (r + o.abs()).mul_(1.0 + 4.0 * unit).add_(TINY)
 
 
 def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tensor,
-          unit: float) -> tuple:
+          unit: float, o: torch.Tensor | None = None, offset: bool = False) -> tuple:
     """Nodal ReLU: node j is c_0 + D_j (D_0 = 0, not stored), c_0 = ``v0`` in float64.
 
     Returns the deviations ReLU(c_0 + D_j) − ReLU(c_0), the new radii, the bound m of the
-    new deviations and the count of mixed neurons. Per neuron: *on* (every node ≥ every
-    radius: the ReLU is the identity on the whole sub-box, nothing changes), *off* (every
-    node + radius ≤ 0: everything becomes 0), or *mixed*, computed on the gathered mixed
-    neurons only. There D_j' is max(D_j, −c) where c_0 ≥ 0 and max(D_j + c, 0) where c_0 < 0,
-    with c the reference rounded to D's precision: exact except where the result depends on
-    that rounding, which happens only when |c_0| ≤ (1 + 3u)·max_j|D_j| = (1 + 3u)·m, so the
-    error is below 4u·m. Segment s keeps its radius unless it is off on both its nodes, and
-    gains the chord gap |a|·b / (|a| + b) where its node values a, b differ in sign; a radius
-    shared by a group of segments (``group``: segment → radius row) takes the largest over
-    them.
+    new deviations, the count of mixed neurons and the new offset rows (below). Per neuron:
+    *on* (every node above every row's band: the ReLU is the identity on the whole sub-box,
+    nothing changes), *off* (every node + band ≤ 0: everything becomes 0), or *mixed*,
+    computed on the gathered mixed neurons only. There D_j' is max(D_j, −c) where c_0 ≥ 0
+    and max(D_j + c, 0) where c_0 < 0, with c the reference rounded to D's precision: exact
+    except where the result depends on that rounding, which happens only when
+    |c_0| ≤ (1 + 3u)·max_j|D_j| = (1 + 3u)·m, so the error is below 4u·m. Segment s, whose
+    error is in the band [o − r, o + r] of its row (o = 0 without offset rows), is off if
+    both its nodes are, band included; else ReLU moves the error into [min(o − r, 0),
+    max(o + r, 0)] (ReLU is monotone and 1-Lipschitz), and where its node values a, b differ
+    in sign the chord of ReLU lies above ReLU by up to the gap |a|·b / (|a| + b) (ReLU is
+    convex), so the band's low side grows by the gap. A row shared by a group of segments
+    (``group``: segment → radius row) takes the widest band over them.
+
+    Without ``offset`` the new band is symmetric, ± (its wider side). With ``offset`` it is
+    kept as an *offset row* o (its centre) and a radius: the offset moves through the next
+    linear layer with W's signs, where it cancels, and a radius only grows through |W|. The
+    offset rows (``o`` in, the result out; None without ``offset``) need ``offset``.
     """
     n_r = r.shape[0]
     last = _channels_last(d)  # neurons in the order of d's memory, whatever it is
     d2, r2 = _rows(d, last), _rows(r, last)
+    o2 = None if o is None else _rows(o, last)
     c = _rows(v0.to(d.dtype, memory_format=torch.channels_last) if last else v0.to(d.dtype),
               last)[0]  # error ≤ u·|c_0|
     top = d2.amax(0).clamp_(min=0.0)  # over all nodes, D_0 = 0 included
     bottom = d2.amin(0).clamp_(max=0.0)
     m = torch.maximum(top, bottom.neg())
-    r_max = r2[0] if n_r == 1 else r2.amax(0)
+    if o2 is None:
+        r_max = r2[0] if n_r == 1 else r2.amax(0)
+        up_max = down_max = r_max
+    else:  # each row's band [o − r, o + r]: its sides, each within u of exact
+        up_max = (r2 + o2).amax(0).mul_(1.0 + 4.0 * unit)
+        down_max = (r2 - o2).amax(0).mul_(1.0 + 4.0 * unit)
+        r_max = torch.maximum(up_max.abs(), down_max.abs())
     # Node values computed as c + D_j are within u·|c_0| + u·|c_j| ≤ 3u·(|c| + m) of exact;
-    # ``reach`` = largest radius + that margin.
-    reach = c.abs().add_(m).add_(r_max).mul_(8.0 * unit).add_(TINY).add_(r_max)
-    on = bottom.add_(c) >= reach
-    off = top.add_(c).add_(reach) <= 0
+    # ``margin`` bounds that, ``reach`` adds the band's side.
+    margin = c.abs().add_(m).add_(r_max).mul_(8.0 * unit).add_(TINY)
+    on = bottom.add_(c) >= down_max + margin
+    off = top.add_(c).add_(up_max).add_(margin) <= 0
     keep = on.to(d.dtype)
     mixed = torch.nonzero(on.logical_or_(off).logical_not_())[:, 0]  # ``on`` is spent here
     n_mixed = int(mixed.numel())
     if n_mixed:  # gathered before d, r and m are zeroed in place
         dm, rm = d2.index_select(1, mixed), r2.index_select(1, mixed)
         cm, mm = c.index_select(0, mixed), m.index_select(0, mixed)
+        om = None if o2 is None else o2.index_select(1, mixed)
     d_new = d2.mul_(keep)  # d and r are this call's own (fresh from the op before)
     r_new = r2.mul_(keep)
+    if offset:
+        o_new = torch.zeros_like(r_new) if o2 is None else o2.mul_(keep)
     # |ReLU(c_0 + D) − ReLU(c_0)| ≤ |D|: m still bounds the deviations where a neuron is on
     # or mixed; an off one has none.
     m_new = m.mul_(keep)
@@ -249,18 +285,35 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
         ab = a * b
         gap = (ab.abs().sub_(ab)).div_((a.abs().add_(b.abs())).clamp_(
             min=torch.finfo(d.dtype).tiny)).mul_(0.5 + 4.0 * unit)
-        r_seg = rm if n_r == a.shape[0] else rm.index_select(0, group)
-        margin = reach.index_select(0, mixed).sub_(rm.amax(0))  # ≥ the margin (rounded up)
-        seg_off = torch.maximum(a, b).add_(r_seg).add_(margin) <= 0
-        rn = r_seg.masked_fill(seg_off, 0.0).add_(gap)
+        each = None if n_r == a.shape[0] else group  # segment → row, where rows are shared
+        r_seg = rm if each is None else rm.index_select(0, each)
+        if om is None:
+            up = down = r_seg
+        else:  # the band's sides per segment, rounded up (one operation each)
+            o_seg = om if each is None else om.index_select(0, each)
+            up = (r_seg + o_seg).mul_(1.0 + 4.0 * unit)
+            down = (r_seg - o_seg).mul_(1.0 + 4.0 * unit)
+        seg_off = torch.maximum(a, b).add_(up).add_(margin.index_select(0, mixed)) <= 0
+        high = up.clamp(min=0.0).masked_fill_(seg_off, 0.0)  # the band [−low, high]
+        low = down.clamp(min=0.0).masked_fill_(seg_off, 0.0).add_(gap)
+        if not offset:
+            high = torch.maximum(high, low)  # symmetric: ± the wider side
         if n_r == 1:
-            rn = rn.amax(0, keepdim=True)
+            high, low = high.amax(0, keepdim=True), low.amax(0, keepdim=True)
         elif n_r != a.shape[0]:
-            rn = _group_reduce(rn, group, rm.shape[0], 'amax')
-        r_new.index_copy_(1, mixed, (rn + mm.mul(16.0 * unit)).mul_(
+            high = _group_reduce(high, group, rm.shape[0], 'amax')
+            low = _group_reduce(low, group, rm.shape[0], 'amax')
+        slack = mm.mul(16.0 * unit)
+        if offset:  # centre (high − low)/2, half-width (high + low)/2, each rounded once
+            centre = (high - low).mul_(0.5)
+            slack = centre.abs().mul_(2.0 * unit).add_(slack)
+            high = high.add_(low).mul_(0.5)
+            o_new.index_copy_(1, mixed, centre)
+        r_new.index_copy_(1, mixed, (high + slack).mul_(
             1.0 + 4.0 * gamma(20, unit)).add_(TINY))
     return (_unrows(d_new, d, last), _unrows(r_new, r, last),
-            _unrows(m_new[None], d[:1], last), n_mixed)
+            _unrows(m_new[None], d[:1], last), n_mixed,
+            _unrows(o_new, r, last) if offset else None)
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -325,7 +378,8 @@ def reference_unclipped(points: torch.Tensor, values: torch.Tensor, weights: tor
 def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                  group: torch.Tensor | None = None, precision: str = 'float32',
                  deadline: float | None = None,
-                 nominal: list[torch.Tensor] | tuple | None = None) -> tuple | None:
+                 nominal: list[torch.Tensor] | tuple | None = None,
+                 offset: bool = True) -> tuple | None:
     """Heatmap logits at the ``points`` (distinct, ascending) and each segment's radius.
 
     ``group`` (G' − 1,) maps each segment to its radius row, contiguous and from 0 (None: one
@@ -334,6 +388,10 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     segment, count of mixed neurons), or None when a deviation overflowed (the caller bounds
     the sub-box another way). ``precision``: the deviations' dtype ('float32' needs
     :func:`~usn_perception.bounds.rounding.float32_problem` to have found nothing).
+    ``offset``: every row also carries an offset row from the first ReLU on (:func:`_relu`),
+    one more image per row in the layers after it, folded into the radius at the end:
+    measured on node frames and renders to buy more tightness per unit of time than more
+    rows or parts do (``docs/certification.md``, "Offset rows").
 
     The reference node (float64) is the point that clips least: the lowest τ, the highest κ.
     Where it clips nothing its input is the image's own network input, and ``nominal``, the
@@ -372,15 +430,16 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     r = (_deviation(diff) * (2.0 * unit) + TINY).to(dtype).contiguous(memory_format=layout)
     unstable = 0
     m = None  # max_j |D_j| when the previous op provides it
+    o = None  # offset rows from the first ReLU on (see _relu)
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
         for i, op in enumerate(net.ops):
             if deadline is not None and time.perf_counter() > deadline:
                 raise BudgetExceeded
             if isinstance(op, LinearOp):
-                d, r = _linear(op, d, r, m, unit)
+                d, r, o = _linear(op, d, r, m, unit, o)
                 m = None
             elif isinstance(op, AffineOp):
-                d, r = _affine(op, d, r, unit)
+                d, r, o = _affine(op, d, r, unit, o)
                 m = None
             else:
                 if interpolate:
@@ -388,10 +447,13 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                     interpolate = False
                 if r.shape[0] != rows:
                     r = r.repeat(rows, 1, 1, 1).contiguous(memory_format=layout)
-                d, r, m, n = _relu(refs[i - 1] if i else v0, d, r, group, unit)
+                d, r, m, n, o = _relu(refs[i - 1] if i else v0, d, r, group, unit, o,
+                                      offset=offset)
                 unstable += n
     if interpolate:  # a network without any ReLU
         d, r = _interpolate(d, r, left, right, weight, unit)
+    if o is not None:  # the readout takes a radius: the band o ± r within ± (r + |o|)
+        r = _fold(r, o, unit)
     if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
         return None
     v0 = (refs[-1] if refs else v0).flatten(2)
@@ -450,7 +512,8 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  leaves: int | None = None, *, nodes: torch.Tensor | None = None,
                  precision: str = 'float32', deadline: float | None = None,
-                 nominal: list[torch.Tensor] | tuple | None = None) -> tuple | None:
+                 nominal: list[torch.Tensor] | tuple | None = None,
+                 offset: bool = True) -> tuple | None:
     """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count).
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
@@ -458,7 +521,8 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     input) the larger radius of the evaluated segments beside its point, which bounds that
     point's own error. The result still leaves out the input's − τ: the caller adds |τ|·R.
     None when :func:`level_logits` is. ``nodes``: :func:`level_nodes` of the box, when the
-    caller has them; ``nominal``: the image's module outputs (see :func:`level_logits`).
+    caller has them; ``nominal``: the image's module outputs and ``offset`` the offset rows
+    (see :func:`level_logits`).
     """
     values, weights = enc.values, enc.value_weights
     if nodes is None:
@@ -472,7 +536,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     else:
         _, group = torch.unique_consecutive(leaf_of[live], return_inverse=True)
     out = level_logits(net, enc, points, axis, group=group, precision=precision,
-                       deadline=deadline, nominal=nominal)
+                       deadline=deadline, nominal=nominal, offset=offset)
     if out is None:
         return None
     logits, radius, mixed = out
