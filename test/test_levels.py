@@ -35,6 +35,7 @@ from usn_perception.bounds.thresholds import carve_free, threshold_row
 from usn_perception.certify import (
     LEAF_WORK,
     NODES_PER_SUBBOX,
+    OFFSET_LEAF_WORK,
     Budget,
     PhotometricBox,
     certify_keypoints,
@@ -280,22 +281,28 @@ def test_plans_sized_by_work_take_leaves_then_parts_and_stay_sound(seed, side, r
     natural = certify_keypoints(det, image, NODE_BOX, budget=Budget(1, max_ms=1e6))
     g, segments = natural.stats['level_nodes'], natural.stats['leaves']
     assert g > 0 and segments == 1  # one sub-box: one leaf over the natural nodes
-    last = None
+    last, plans = None, []
     for work in (1, g + LEAF_WORK, g + 2 * LEAF_WORK, g + LEAF_WORK * g,
-                 6 * g + LEAF_WORK * g, 10_000):
+                 g + OFFSET_LEAF_WORK * g, 6 * g + OFFSET_LEAF_WORK * g, 10_000):
         cert = certify_keypoints(det, image, NODE_BOX,
                                  budget=Budget(1, max_ms=1e6, level_work=work))
         st = cert.stats
         assert st['level_nodes'] >= g and st['budget']['level_work'] == work
-        assert st['level_work'] == st['level_nodes'] + LEAF_WORK * st['leaves']
+        per_leaf = OFFSET_LEAF_WORK if st['offset_rows'] else LEAF_WORK
+        assert st['level_work'] == st['level_nodes'] + per_leaf * st['leaves']
         # at least one leaf, else within the work
         assert st['level_work'] <= max(work, g + LEAF_WORK)
         if last is not None:  # more work never plans less
-            assert (st['leaves'], st['level_nodes']) >= last
-        last = (st['leaves'], st['level_nodes'])
+            assert (st['leaves'], st['offset_rows'], st['level_nodes']) >= last
+        last = (st['leaves'], st['offset_rows'], st['level_nodes'])
+        plans.append(last)
         assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
-    assert last[1] > g  # the most work cuts the segments into parts ...
+    assert last[2] > g and last[1]  # the most work cuts the segments into parts ...
     assert last[0] >= 2  # ... each natural segment keeping a leaf of its own
+    for leaves, offset, nodes in plans:  # offset rows once every segment has its own leaf,
+        assert leaves == last[0] or not offset  # and parts only with them
+        assert offset or nodes == g
+    assert any(offset and nodes == g for _, offset, nodes in plans)  # offset rows, not cut
 
 
 def test_level_work_must_be_a_positive_integer():

@@ -105,11 +105,13 @@ LEVEL_MAX_SUBBOXES = 32
 #: predict) and 1.34 at 16.
 SUBDIVIDE_NODES_PER_SUBBOX = 4
 LEVEL_SUBDIVIDE = 6
-#: ``Budget.level_work`` units of one leaf of a level plan: its radius row and offset row
-#: through the network (the offset row from the first ReLU on) and its readout bound. Fitted
-#: on node frames (session 15, total ms ≈ a + 1.2·G + 2.3–2.7·rows + 0.7·leaves with
-#: offset rows, G the network inputs at ~1.2 ms each): a leaf costs ~2.7 inputs.
-LEAF_WORK = 3
+#: ``Budget.level_work`` units of one leaf of a level plan, without and with offset rows:
+#: its radius row (and offset row, from the first ReLU on) through the network and its
+#: readout bound. Fitted on node frames (session 15: total ms ≈ a + 1.2·G + 1.2·rows +
+#: 0.7·leaves, with offset rows 2.3–2.7·rows, G the network inputs): a leaf costs ~1.6 or
+#: ~2.7 inputs.
+LEAF_WORK = 2
+OFFSET_LEAF_WORK = 3
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
@@ -255,7 +257,8 @@ class _Evaluator:
             plan.nodes, self.enc.values, self.enc.value_weights, plan.axis)
         out = level_bounds(self.net, self.enc, plan.box[0], plan.axis, leaves, nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
-                           deadline=deadline, nominal=self.trace() if reuse else None)
+                           deadline=deadline, nominal=self.trace() if reuse else None,
+                           offset=plan.offset)
         if out is None:
             return None
         if deadline is not None and time.perf_counter() > deadline:
@@ -322,7 +325,8 @@ class _LevelPlan:
     axis: int
     nodes: torch.Tensor  # (G,) the box's ends and the present values between them
     points: int  # distinct network inputs among the nodes: what the plan costs
-    leaves: int  # contiguous groups of segments: a radius and offset row, a readout bound
+    leaves: int  # contiguous groups of segments, each a radius row and a readout bound
+    offset: bool = True  # each row with its offset row (bounds.levels)
 
     @property
     def segments(self) -> int:
@@ -332,7 +336,7 @@ class _LevelPlan:
     @property
     def work(self) -> int:
         """Network images and readout bounds it takes (``Budget.level_work``'s unit)."""
-        return self.points + LEAF_WORK * self.leaves
+        return self.points + (OFFSET_LEAF_WORK if self.offset else LEAF_WORK) * self.leaves
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
@@ -381,22 +385,24 @@ def _cut_segments(root: torch.Tensor, enc: ImageEncoding, axis: int, most: int,
 
 def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torch.Tensor,
                   points: int, work: int, max_nodes: int) -> _LevelPlan:
-    """Leaves (then parts of segments) for a plan sized by ``Budget.level_work``.
+    """Leaves (then offset rows, then parts of segments) for a plan sized by ``level_work``.
 
     First a leaf and radius row per segment, as many as the work allows (at least one);
-    once every segment has its own, each is cut into the most equal parts that still fit,
-    keeping one row and leaf per segment: measured on node frames (``docs/certification.md``,
-    "Sizing level plans by work"), cutting shortens the chord gaps that make the radius
-    for less than a row per part costs.
+    once every segment has its own, offset rows, then every segment cut into the most equal
+    parts that still fit, keeping one row and leaf per segment. Measured on node frames
+    (``docs/certification.md``, "Sizing level plans by work" and "Offset rows"): below one
+    row per segment a row buys more than offset rows on a few; then offset rows and cuts buy
+    about the same, offset rows first, and both beat more rows.
     """
     segments = nodes.shape[0] - 1
     leaves = max(1, min(segments, (work - points) // LEAF_WORK))
-    if leaves == segments and segments > 0:
+    offset = leaves == segments > 0 and points + OFFSET_LEAF_WORK * leaves <= work
+    if offset:
         cut = _cut_segments(root, enc, axis, LEVEL_SUBDIVIDE, lambda count: count <= max_nodes
-                            and count + LEAF_WORK * leaves <= work)
+                            and count + OFFSET_LEAF_WORK * leaves <= work)
         if cut is not None:
             nodes, points = cut
-    return _LevelPlan(root, axis, nodes, points, leaves)
+    return _LevelPlan(root, axis, nodes, points, leaves, offset)
 
 
 def _threshold_root(net: CompiledNetwork, box: PhotometricBox, readout: str, method: str,
@@ -589,10 +595,12 @@ def certify_keypoints(
         plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
     stats['level_nodes'] = 0 if plan is None else plan.points
     stats['level_work'] = 0 if plan is None else plan.work
+    stats['offset_rows'] = plan is not None and plan.offset
     try:
         result = None if plan is None else _bound_levels(evaluate, plan, deadline)
         if result is None:
             stats['level_nodes'] = stats['level_work'] = 0
+            stats['offset_rows'] = False
             result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
     except BudgetExceeded:
         stats.update(subboxes=0, leaves=0, passes=0, stopped='time',
