@@ -18,7 +18,7 @@ from test_certify import assert_sound, homogeneous_detector
 from test_free import DEFAULT, F64, NODE_BOX, OFFLINE_BOX, homogeneous_shallow, mid_image
 
 from usn_perception.bounds.inputs import ImageEncoding
-from usn_perception.bounds.layers import compile_network
+from usn_perception.bounds.layers import AffineOp, compile_network
 from usn_perception.bounds.levels import (
     KAPPA,
     TAU,
@@ -139,6 +139,26 @@ def test_offset_rows_hold_and_narrow_shared_rows(seed, side, groups):
     assert bool((offset <= plain * (1 + 1e-4) + 1e-12).all())
     if groups == 1:  # one row over several segments: the gaps' one-sidedness pays
         assert float(offset.mean()) < 0.95 * float(plain.mean())
+
+
+@pytest.mark.parametrize('offset', [False, True])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_offset_rows_through_a_scale_after_a_relu(seed, side, offset):
+    # A shift-free BatchNorm after the first ReLU (an AffineOp, some scales negative): the
+    # offset rows move through it with their signs.
+    det = homogeneous_shallow(seed)
+    bn = torch.nn.BatchNorm2d(6).double().eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.7, 0.3, -2.0, 1.0, 0.5], dtype=F64))
+        bn.running_var.copy_(torch.linspace(0.5, 2.0, 6, dtype=F64))
+    layers = list(det.net)
+    net = torch.nn.Sequential(*layers[:3], bn, *layers[3:]).eval()
+    det = Detector(net, det.config)
+    enc = ImageEncoding(one_sided(seed, side), det.config.input_size)
+    assert any(isinstance(op, AffineOp) for op in compile_network(det.net, enc.shape).ops[1:])
+    for groups in (None, 1):
+        _check_radius(det, one_sided(seed, side), side, groups, 'float32', False, 1,
+                      offset=offset)
 
 
 def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offset=True):
