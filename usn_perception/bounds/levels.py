@@ -252,12 +252,13 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
     if o2 is None:
         r_max = r2[0] if n_r == 1 else r2.amax(0)
         up_max = down_max = r_max
-    else:  # each row's band [o − r, o + r]: its sides, each within u of exact
+    else:  # each row's band [o − r, o + r]: its sides, each within u of exact. Every band
+        # holds 0 (the nodes are exact), |o| ≤ r, so both sides are ≥ 0 and round up by ×(1 + 4u).
         up_max = (r2 + o2).amax(0).mul_(1.0 + 4.0 * unit)
         down_max = (r2 - o2).amax(0).mul_(1.0 + 4.0 * unit)
         r_max = torch.maximum(up_max.abs(), down_max.abs())
     # Node values computed as c + D_j are within u·|c_0| + u·|c_j| ≤ 3u·(|c| + m) of exact;
-    # ``margin`` bounds that, ``reach`` adds the band's side.
+    # ``margin`` bounds that (the band's sides are added to it where they apply).
     margin = c.abs().add_(m).add_(r_max).mul_(8.0 * unit).add_(TINY)
     on = bottom.add_(c) >= down_max + margin
     off = top.add_(c).add_(up_max).add_(margin) <= 0
