@@ -525,9 +525,10 @@ def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Ten
         gap = lower(_gather_cells(centre, j) - c_i, _gather_cells(radius, j) + r_i)
         slack = LOGIT_SLACK * (scale + mag_i + mag_w[..., w:w + 1])
         possible &= ~(form_range(gap, boxes)[0] > slack)
-    # Padding (index 0, unset) adds a 0 to a cell that the max keeps as it was.
-    out = torch.zeros(survive.shape, dtype=torch.uint8, device=survive.device)
-    return out.scatter_reduce_(2, idx, possible.to(torch.uint8), 'amax').bool()
+    # Padding goes to a spare last column, dropped after: it cannot overwrite a real cell.
+    n = survive.shape[-1]
+    out = survive.new_zeros((*survive.shape[:-1], n + 1))
+    return out.scatter_(2, torch.where(valid, idx, n), possible)[..., :n]
 
 
 def _cell_box(mask: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
