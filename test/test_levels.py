@@ -295,7 +295,7 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
 
 @pytest.mark.parametrize('readout', ['local-centroid', 'argmax'])
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (3, 'dark')])
-def test_plans_sized_by_work_take_leaves_then_parts_and_stay_sound(seed, side, readout):
+def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed, side, readout):
     det = homogeneous_shallow(seed, readout)
     image = one_sided(seed, side)
     natural = certify_keypoints(det, image, NODE_BOX, budget=Budget(1, max_ms=1e6))
