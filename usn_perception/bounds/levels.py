@@ -295,10 +295,14 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
             up = (r_seg + o_seg).mul_(1.0 + 4.0 * unit)
             down = (r_seg - o_seg).mul_(1.0 + 4.0 * unit)
         seg_off = torch.maximum(a, b).add_(up).add_(margin.index_select(0, mixed)) <= 0
-        high = up.clamp(min=0.0).masked_fill_(seg_off, 0.0)  # the band [−low, high]
-        low = down.clamp(min=0.0).masked_fill_(seg_off, 0.0).add_(gap)
-        if not offset:
-            high = torch.maximum(high, low)  # symmetric: ± the wider side
+        if om is None:  # the band [−r − gap, r]
+            high = r_seg.masked_fill(seg_off, 0.0)
+            low = high + gap
+        else:  # the band [−low, high]
+            high = up.clamp(min=0.0).masked_fill_(seg_off, 0.0)
+            low = down.clamp(min=0.0).masked_fill_(seg_off, 0.0).add_(gap)
+        if not offset:  # symmetric: ± the wider side
+            high = low if om is None else torch.maximum(high, low)
         if n_r == 1:
             high, low = high.amax(0, keepdim=True), low.amax(0, keepdim=True)
         elif n_r != a.shape[0]:
