@@ -28,6 +28,7 @@ from usn_perception.bounds.levels import (
     level_bounds,
     level_logits,
     level_nodes,
+    narrowest_merged,
     radius_groups,
     reference_unclipped,
 )
@@ -100,6 +101,19 @@ def test_radius_groups_are_contiguous_and_cover_every_segment():
             assert int(g[-1]) + 1 == (segments if groups is None else min(groups, segments))
 
 
+def test_narrowest_merged_joins_the_shortest_adjacent_spans_first():
+    nodes = torch.tensor([0.0, 0.3, 0.31, 0.5, 0.52, 0.53, 1.0], dtype=F64)
+    assert narrowest_merged(nodes, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    assert narrowest_merged(nodes, 5).tolist() == [0, 1, 2, 3, 3, 4]  # 0.50-0.53 first
+    assert narrowest_merged(nodes, 4).tolist() == [0, 1, 1, 2, 2, 3]  # then 0.3-0.5
+    assert narrowest_merged(nodes, 1).tolist() == [0] * 6
+    assert narrowest_merged(nodes, 0).tolist() == [0] * 6
+    g = narrowest_merged(nodes, 3)
+    assert radius_groups(6, g) is g  # a map passes through
+    with pytest.raises(ValueError, match='one entry per segment'):
+        radius_groups(5, g)
+
+
 # --- the nodal bound ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('subdivide', [1, 3])  # 3: every segment cut in three
@@ -128,7 +142,7 @@ def test_parts_interpolated_through_the_linear_start_stay_within_the_radius(seed
     _check_radius(det, one_sided(seed, side), side, groups, precision, False, 3)
 
 
-@pytest.mark.parametrize('groups', [None, 1, 2])
+@pytest.mark.parametrize('groups', [None, 1, 2, 'merged'])
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark')])
 def test_offset_rows_hold_and_narrow_shared_rows(seed, side, groups):
     """The band stays sound without offset rows too, and the offset rows never widen it."""
@@ -176,7 +190,9 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offs
     # The carved box starts where the free part ends: its reference node clips nothing.
     assert reference_unclipped(nodes, enc.values, enc.value_weights, axis)
     trace = det.run(image, trace=True).trace if reuse else None
-    group = None if groups is None else radius_groups(nodes.shape[0] - 1, groups)
+    group = None if groups is None else radius_groups(
+        nodes.shape[0] - 1,
+        narrowest_merged(nodes, nodes.shape[0] - 2) if groups == 'merged' else groups)
     logits, radius, _ = level_logits(net, enc, nodes, axis, group=group, precision=precision,
                                      nominal=trace, offset=offset)
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
@@ -245,15 +261,18 @@ def test_level_bounds_cover_the_whole_box_free_part_included(seed, side, leaves)
         assert bool(((true - form).abs() <= radius[i, 0] + 1e-12).all())
 
 
-@pytest.mark.parametrize('leaves', [None, 1, 2, 5])
+@pytest.mark.parametrize('leaves', [None, 1, 2, 5, 'merged'])
 def test_leaf_forms_tile_the_box_and_contain_the_interpolant(leaves):
     rng = np.random.default_rng(0)
     nodes = torch.tensor([0.9, 0.92, 0.93, 0.97, 0.98, 1.0, 1.05], dtype=F64)
+    if leaves == 'merged':  # 0.9-0.93 and 0.97-1.0: two leaves with an inner node
+        leaves = narrowest_merged(nodes, 4)
+        assert leaves.tolist() == [0, 0, 1, 2, 2, 3]
     logits = torch.as_tensor(rng.normal(size=(7, 2, 6)))
     radius = torch.as_tensor(rng.uniform(0.0, 0.01, size=(6, 2, 6)))
     box = torch.tensor([-0.03, 0.02, 0.9, 1.05], dtype=F64)
     boxes, centre, rad = leaf_forms(box, nodes, KAPPA, logits, radius, leaves)
-    n = 6 if leaves is None else min(leaves, 6)
+    n = 6 if leaves is None else int(radius_groups(6, leaves)[-1]) + 1
     assert boxes.shape == (n, 4) and centre.shape == (n, 3, 2, 6) and rad.shape == (n, 1, 2, 6)
     assert float(boxes[0, 2]) == 0.9 and float(boxes[-1, 3]) == 1.05
     assert bool((boxes[1:, 2] == boxes[:-1, 3]).all())  # shared cuts: an exact tiling
@@ -302,8 +321,10 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
     g, segments = natural.stats['level_nodes'], natural.stats['leaves']
     assert g > 0 and segments == 1  # one sub-box: one leaf over the natural nodes
     last, plans = None, []
+    # (the natural segments here are as many as the nodes: g)
     for work in (1, g + LEAF_WORK, g + 2 * LEAF_WORK, g + LEAF_WORK * g,
-                 g + OFFSET_LEAF_WORK * g, 6 * g + OFFSET_LEAF_WORK * g, 10_000):
+                 g + OFFSET_LEAF_WORK * (g - 1), g + OFFSET_LEAF_WORK * g,
+                 6 * g + OFFSET_LEAF_WORK * g, 10_000):
         cert = certify_keypoints(det, image, NODE_BOX,
                                  budget=Budget(1, max_ms=1e6, level_work=work))
         st = cert.stats
@@ -312,17 +333,21 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         assert st['level_work'] == st['level_nodes'] + per_leaf * st['leaves']
         # at least one leaf, else within the work
         assert st['level_work'] <= max(work, g + LEAF_WORK)
+        assert st['offset_rows'] or not st['merged_leaves']
+        plan = (st['offset_rows'], st['leaves'], st['level_nodes'], st['merged_leaves'])
         if last is not None:  # more work never plans less
-            assert (st['leaves'], st['offset_rows'], st['level_nodes']) >= last
-        last = (st['leaves'], st['offset_rows'], st['level_nodes'])
-        plans.append(last)
+            assert plan[:3] >= last[:3]
+        last = plan
+        plans.append(plan)
         assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
-    assert last[2] > g and last[1]  # the most work cuts the segments into parts ...
-    assert last[0] >= 2  # ... each natural segment keeping a leaf of its own
-    for leaves, offset, nodes in plans:  # offset rows once every segment has its own leaf,
-        assert leaves == last[0] or not offset  # and parts only with them
-        assert offset or nodes == g
-    assert any(offset and nodes == g for _, offset, nodes in plans)  # offset rows, not cut
+    assert last[2] > g and last[0]  # the most work cuts the segments into parts ...
+    assert last[1] >= 2 and not last[3]  # ... each natural segment keeping a leaf of its own
+    for offset, leaves, nodes, merged in plans:  # offset rows from one leaf fewer than the
+        # segments, the narrowest two merged, then one each; parts only with every leaf
+        assert not offset or leaves == (last[1] - 1 if merged else last[1])
+        assert offset and not merged or nodes == g
+    assert any(merged for *_, merged in plans)  # offset rows on a merged leaf,
+    assert any(offset and not merged and nodes == g for offset, _, nodes, merged in plans)
 
 
 def test_level_work_must_be_a_positive_integer():

@@ -28,6 +28,7 @@ from usn_perception.bounds.levels import (
     level_axis,
     level_bounds,
     level_nodes,
+    narrowest_merged,
     reference_unclipped,
 )
 from usn_perception.bounds.prefix import EXACT_VALUES, linear_prefix, prefix_forms
@@ -247,7 +248,7 @@ class _Evaluator:
         est = read_keypoints(logits, self.readout)
         return bounds, est
 
-    def levels(self, plan: _LevelPlan, leaves: int, deadline: float | None) -> tuple | None:
+    def levels(self, plan: _LevelPlan, deadline: float | None) -> tuple | None:
         """Bound the plan's one-axis box at its level nodes (bounds.levels).
 
         Returns (leaves (L, 4), bounds (L, K, 4)), or None when a float32 deviation overflowed
@@ -255,7 +256,8 @@ class _Evaluator:
         """
         reuse = self.trace is not None and reference_unclipped(
             plan.nodes, self.enc.values, self.enc.value_weights, plan.axis)
-        out = level_bounds(self.net, self.enc, plan.box[0], plan.axis, leaves, nodes=plan.nodes,
+        out = level_bounds(self.net, self.enc, plan.box[0], plan.axis,
+                           plan.groups(), nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
                            deadline=deadline, nominal=self.trace() if reuse else None,
                            offset=plan.offset)
@@ -327,6 +329,7 @@ class _LevelPlan:
     points: int  # distinct network inputs among the nodes: what the plan costs
     leaves: int  # contiguous groups of segments, each a radius row and a readout bound
     offset: bool = True  # each row with its offset row (bounds.levels)
+    merged: bool = False  # groups merge the narrowest segments (bounds.levels.narrowest_merged)
 
     @property
     def segments(self) -> int:
@@ -337,6 +340,10 @@ class _LevelPlan:
     def work(self) -> int:
         """Network images and readout bounds it takes (``Budget.level_work``'s unit)."""
         return self.points + (OFFSET_LEAF_WORK if self.offset else LEAF_WORK) * self.leaves
+
+    def groups(self) -> int | torch.Tensor:
+        """The ``leaves`` argument of bounds.levels.level_bounds: a count, or the merged map."""
+        return narrowest_merged(self.nodes, self.leaves) if self.merged else self.leaves
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
@@ -388,15 +395,21 @@ def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torc
     """Leaves (then offset rows, then parts of segments) for a plan sized by ``level_work``.
 
     First a leaf and radius row per segment, as many as the work allows (at least one);
-    once every segment has its own, offset rows, then every segment cut into the most equal
-    parts that still fit, keeping one row and leaf per segment. Measured on node frames
-    (``docs/certification.md``, "Sizing level plans by work" and "Offset rows"): below one
-    row per segment a row buys more than offset rows on a few; then offset rows and cuts buy
+    once every segment has its own, offset rows on one leaf fewer (the narrowest two
+    segments share one: :func:`~usn_perception.bounds.levels.narrowest_merged`), then on
+    every segment, then every segment cut into the most equal parts that still fit, keeping
+    one row and leaf per segment. Measured on node frames (``docs/certification.md``,
+    "Sizing level plans by work", "Offset rows" and "One merged leaf"): below one row per
+    segment a row buys more than offset rows on a few; with offset rows one merged leaf
+    costs ~7 % of the width where no offset rows cost ~45 %; then offset rows and cuts buy
     about the same, offset rows first, and both beat more rows.
     """
     segments = nodes.shape[0] - 1
     leaves = max(1, min(segments, (work - points) // LEAF_WORK))
     offset = leaves == segments > 0 and points + OFFSET_LEAF_WORK * leaves <= work
+    if leaves == segments > 1 and not offset and (
+            points + OFFSET_LEAF_WORK * (segments - 1) <= work):
+        return _LevelPlan(root, axis, nodes, points, segments - 1, True, merged=True)
     if offset:
         cut = _cut_segments(root, enc, axis, LEVEL_SUBDIVIDE, lambda count: count <= max_nodes
                             and count + OFFSET_LEAF_WORK * leaves <= work)
@@ -596,11 +609,12 @@ def certify_keypoints(
     stats['level_nodes'] = 0 if plan is None else plan.points
     stats['level_work'] = 0 if plan is None else plan.work
     stats['offset_rows'] = plan is not None and plan.offset
+    stats['merged_leaves'] = plan is not None and plan.merged
     try:
         result = None if plan is None else _bound_levels(evaluate, plan, deadline)
         if result is None:
             stats['level_nodes'] = stats['level_work'] = 0
-            stats['offset_rows'] = False
+            stats['offset_rows'] = stats['merged_leaves'] = False
             result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
     except BudgetExceeded:
         stats.update(subboxes=0, leaves=0, passes=0, stopped='time',
@@ -629,7 +643,7 @@ def certify_keypoints(
 def _bound_levels(evaluate: _Evaluator, plan: _LevelPlan,
                   deadline: float | None) -> RefineResult | None:
     """The whole certificate from the level nodes, in the plan's leaves."""
-    out = evaluate.levels(plan, plan.leaves, deadline)
+    out = evaluate.levels(plan, deadline)
     if out is None:
         return None
     stopped = 'converged' if plan.leaves == plan.segments else 'budget'
