@@ -37,6 +37,7 @@ from usn_perception.certify import (
     LEAF_WORK,
     NODES_PER_SUBBOX,
     OFFSET_LEAF_WORK,
+    OFFSET_MIN_LEAVES,
     Budget,
     PhotometricBox,
     certify_keypoints,
@@ -322,7 +323,9 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
     assert g > 0 and segments == 1  # one sub-box: one leaf over the natural nodes
     last, plans = None, []
     # (the natural segments here are as many as the nodes: g)
-    for work in (1, g + LEAF_WORK, g + 2 * LEAF_WORK, g + LEAF_WORK * g,
+    assert g > OFFSET_MIN_LEAVES + 1
+    few = g + OFFSET_LEAF_WORK * OFFSET_MIN_LEAVES  # the fewest leaves with offset rows
+    for work in (1, g + LEAF_WORK, g + 2 * LEAF_WORK, few - 1, few,
                  g + OFFSET_LEAF_WORK * (g - 1), g + OFFSET_LEAF_WORK * g,
                  6 * g + OFFSET_LEAF_WORK * g, 10_000):
         cert = certify_keypoints(det, image, NODE_BOX,
@@ -335,6 +338,10 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         assert st['level_work'] <= max(work, g + LEAF_WORK)
         assert st['offset_rows'] or not st['merged_leaves']
         plan = (st['offset_rows'], st['leaves'], st['level_nodes'], st['merged_leaves'])
+        if work < few:  # radius rows only below OFFSET_MIN_LEAVES leaves with offset rows
+            assert not plan[0]
+        elif work == few:
+            assert plan[:2] == (True, OFFSET_MIN_LEAVES) and plan[3]
         if last is not None:  # more work never plans less
             assert plan[:3] >= last[:3]
         last = plan
@@ -342,9 +349,9 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
     assert last[2] > g and last[0]  # the most work cuts the segments into parts ...
     assert last[1] >= 2 and not last[3]  # ... each natural segment keeping a leaf of its own
-    for offset, leaves, nodes, merged in plans:  # offset rows from one leaf fewer than the
-        # segments, the narrowest two merged, then one each; parts only with every leaf
-        assert not offset or leaves == (last[1] - 1 if merged else last[1])
+    for offset, leaves, nodes, merged in plans:  # offset rows on merged leaves (the
+        # narrowest segments joined), then one each; parts only with every leaf
+        assert not offset or (leaves < last[1] if merged else leaves == last[1])
         assert offset and not merged or nodes == g
     assert any(merged for *_, merged in plans)  # offset rows on a merged leaf,
     assert any(offset and not merged and nodes == g for offset, _, nodes, merged in plans)
