@@ -21,6 +21,7 @@ from usn_perception.bounds.forms import form_at
 from usn_perception.bounds.layers import compile_network
 from usn_perception.bounds.propagate import propagate
 from usn_perception.bounds.rounding import (
+    all_finite,
     float32_problem,
     gamma,
     propagate_float32,
@@ -182,6 +183,23 @@ def test_degenerate_boxes_stay_exact():
     z = net.forward(form_at(centre, theta))
     assert float(r32.max()) < 1e-20
     assert torch.allclose(form_at(c32, theta), z, rtol=1e-12, atol=1e-12)
+
+
+def test_all_finite_finds_every_nan_and_infinity():
+    cl = torch.channels_last
+    a = torch.rand(3, 5, 6, 4).contiguous(memory_format=cl)
+    b = -torch.rand(2, 7)
+    assert all_finite(a, b) and all_finite(a.double())
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        for t in (a, b):
+            c = t.clone()
+            c[(-1,) * c.ndim] = bad
+            assert not all_finite(a if t is b else c, c if t is b else b)
+    pos, neg = a.clone(), b.clone()
+    pos[0, 0, 0, 0], neg[0, 0] = float('inf'), -float('inf')  # inf + (-inf): NaN
+    assert not all_finite(pos, neg)
+    # Elements that overflow their sum are reported too (callers treat it as an overflow).
+    assert not all_finite(torch.full((4,), 3e38))
 
 
 def test_float32_overflow_returns_none_and_certify_falls_back():

@@ -62,7 +62,7 @@ import torch
 
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
-from usn_perception.bounds.rounding import TINY, U32, U64, gamma
+from usn_perception.bounds.rounding import TINY, U32, U64, all_finite, gamma
 from usn_perception.bounds.thresholds import present_range
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
@@ -488,7 +488,7 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
         d, r = _interpolate(d, r, left, right, weight, unit)
     if o is not None:  # the readout takes a radius: the band o ± r within ± (r + |o|)
         r = _fold(r, o, unit)
-    if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
+    if not all_finite(d, r):
         return None
     v0 = (refs[-1] if refs else v0).flatten(2)
     logits = torch.cat([v0, v0 + d.double().flatten(2)])
