@@ -342,7 +342,12 @@ def test_compile_cache_follows_in_place_changes():
     net[1].running_var.data.mul_(3.0)  # .data bypasses the version counter
     third = compile_network(net, (1, 8, 8))
     assert third is not second
-    second = third
+    net[0].weight = nn.Parameter(net[0].weight.detach() * 0.5)  # a new tensor, same values
+    fourth = compile_network(net, (1, 8, 8))
+    assert fourth is not third
+    net[0] = nn.Conv2d(1, 2, 3, padding=1).double()  # a new layer
+    second = compile_network(net, (1, 8, 8))
+    assert second is not fourth
     x = torch.rand(1, 1, 8, 8, dtype=F64)
     torch.testing.assert_close(second.forward(x), net(x))
     net.train()

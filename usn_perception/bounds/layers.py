@@ -269,15 +269,20 @@ def _fingerprint(net: nn.Module, input_shape: tuple[int, ...]) -> tuple:
     """Identity, version counter and a checksum of every tensor, plus train/eval flags.
 
     The checksum catches in-place edits through ``.data``, which bypass version counters.
+    One walk over the modules' own tensor dicts (``parameters()``, ``buffers()`` and
+    ``modules()`` each walk the tree again): a frame pays for this on every certificate.
     """
-    tensors = [*net.parameters(), *net.buffers()]
-    with torch.no_grad():  # one flat copy: a frame pays for this on every certificate
-        floats = [t.reshape(-1) for t in tensors if t.is_floating_point()]
-        flat = torch.cat([t.double() for t in floats]) if floats else torch.zeros(1)
-        sums = (float(flat.abs().sum()), float(flat.sum()),
-                *(int(t.sum()) for t in tensors if not t.is_floating_point()))
+    tensors, training = [], []
+    for m in net.modules():
+        training.append(m.training)
+        tensors.extend(t for t in m._parameters.values() if t is not None)
+        tensors.extend(t for t in m._buffers.values() if t is not None)
+    with torch.no_grad():  # one flat copy, integer buffers (counters) included exactly
+        flat = (torch.cat([t.reshape(-1).double() for t in tensors]) if tensors
+                else torch.zeros(1, dtype=torch.float64))
+        sums = (float(flat.abs().sum()), float(flat.sum()))
     return (tuple(input_shape), tuple((id(t), t.data_ptr(), t._version) for t in tensors), sums,
-            tuple(m.training for m in net.modules()))
+            tuple(training))
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
