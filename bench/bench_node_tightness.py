@@ -6,10 +6,13 @@ under the slow brightness/contrast swing), each certified by :class:`FramePipeli
 a node worker does (Θ measured over the sliding window, the budget sized by time, the shipped
 settings), against the empirical range over that frame's measured Θ (dense θ grid plus the
 attack, :func:`~usn_perception.bounds.attack.empirical_range`). For reference the same frame
-and Θ are also certified at fixed sub-box budgets without a time limit (``--budgets``).
+and Θ are also certified at fixed sub-box budgets without a time limit (``--budgets``), and at
+fixed level work (``--works``: the ``Budget.level_work`` units the node sizes its plans in,
+here without a time limit, so the plan each work buys is compared on the same frames
+whatever the machine's speed).
 
     python bench/bench_node_tightness.py --scenes 0,1 --frames 4 --budgets 4,8,12,16,24 \\
-        --out bench/results_node_tightness.md
+        --works 16,19,22,25,28,31 --out bench/results_node_tightness.md
 
 Tightness of a keypoint: half-perimeter of the certified box over that of the empirical one
 (as in ``bench_certify.py``), both in image pixels. Times are single-thread, one process.
@@ -107,6 +110,14 @@ def _widths(boxes: np.ndarray) -> np.ndarray:
     return np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], -1)
 
 
+def _plan(stats: dict) -> str:
+    """A level plan in a few characters: leaves, 'o' with offset rows, 'm' merged leaves."""
+    if not stats.get('level_work'):
+        return f'{stats.get("subboxes", 0)} sub-boxes'
+    return (f'{stats["leaves"]}{"o" if stats.get("offset_rows") else ""}'
+            f'{"m" if stats.get("merged_leaves") else ""} / {stats["level_nodes"]}')
+
+
 def _ms(fn, *args) -> float:
     """Wall time of one call, in milliseconds."""
     t = time.perf_counter()
@@ -120,11 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     add_stream_options(ap, frames=4)
     ap.add_argument('--budgets', default='4,8,12,16,24',
                     help='fixed sub-box budgets (no time limit) to certify the same frames at')
+    ap.add_argument('--works', default='',
+                    help='fixed level work units (Budget.level_work, no time limit) to certify '
+                         'the same frames at, comma-separated')
     ap.add_argument('--out', type=Path, help='write the Markdown report here')
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     stream = NodeStream.from_args(args)
     budgets = [int(b) for b in args.budgets.split(',') if b]
+    works = [int(w) for w in args.works.split(',') if w]
+    if any(b < 1 for b in budgets) or any(w < 1 for w in works):
+        ap.error('--budgets and --works take positive integers')
     det = load_detector(args.model)
     say = Report()
     say('# Tightness of the node\'s certificates on its own frames')
@@ -136,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     say()
     head = ('| scene | frame | measured Θ (α; β) | level nodes / leaves | node certify ms | '
             'predict ms | node tightness | node box px | empirical px |'
-            + ''.join(f' {b} sub-boxes | ms |' for b in budgets))
+            + ''.join(f' {b} sub-boxes | ms |' for b in budgets)
+            + ''.join(f' work {w}: plan | tightness | ms |' for w in works))
     say(head)
-    say('|' + '---|' * (9 + 2 * len(budgets)))
+    say('|' + '---|' * (9 + 2 * len(budgets) + 3 * len(works)))
     summary: dict[str, list[float]] = {'node': []}
     summary.update({str(b): [] for b in budgets})
+    summary.update({f'w{w}': [] for w in works})
     cost: dict[str, list[float]] = {k: [] for k in summary}
     for scene, i, img, result in stream.picked(det, args.scenes, args.frames):
         box = result.interval.as_box()
@@ -158,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             summary[str(b)].append(r)
             cost[str(b)].append(ms)
             cells.append(f' {r:.3g} | {ms:.0f} |')
+        for w in works:
+            t = time.perf_counter()
+            cert = certify_keypoints(det, img, box, budget=Budget(1, max_ms=1e6, level_work=w))
+            ms = (time.perf_counter() - t) * 1e3
+            r = float(np.median(ratios(cert.widths, emp)))
+            summary[f'w{w}'].append(r)
+            cost[f'w{w}'].append(ms)
+            cells.append(f' {_plan(cert.stats)} | {r:.3g} | {ms:.0f} |')
         say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
             f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
             f'{result.certify_stats.get("level_nodes", 0)} / '
@@ -171,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     say('| budget | median tightness | certify ms (median) |')
     say('|---|---|---|')
     for key, vals in summary.items():
-        label = 'node (time-sized)' if key == 'node' else f'{key} sub-boxes, no time limit'
+        label = ('node (time-sized)' if key == 'node' else
+                 f'level work {key[1:]}, no time limit' if key.startswith('w') else
+                 f'{key} sub-boxes, no time limit')
         say(f'| {label} | **{np.median(vals):.3g}** | {np.median(cost[key]):.0f} |')
     if args.out:
         say.write(args.out)

@@ -57,7 +57,8 @@ def benchmarks(data: str | None) -> list[Benchmark]:
                              stdout_to=f'bench/results_node_scene{scene}.json'))
     out.append(Benchmark('node-tightness', ('bench_node_tightness.py', '--model', default,
                                             '--scenes', '0,1', '--frames', '4', '--budgets',
-                                            '4,8,12,16,24', '--out',
+                                            '4,8,12,16,24', '--works',
+                                            '16,19,22,25,28,31', '--out',
                                             'bench/results_node_tightness.md'),
                          'bench/results_node_tightness.md'))
     out.append(Benchmark('level-radius', ('bench_level_radius.py', '--model', default,

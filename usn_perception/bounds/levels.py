@@ -370,8 +370,8 @@ def narrowest_merged(nodes: torch.Tensor, groups: int) -> torch.Tensor:
     Starting from one group per segment, the adjacent pair of groups that spans the shortest
     stretch of the axis joins until ``groups`` are left (the first such pair on ties). A
     merged leaf's chord bends where the pair meets, and the shorter the pair the less it
-    bends: measured on node frames (``docs/certification.md``, "Offset rows"), one merge
-    with offset rows costs ~7 % of the width of a leaf per segment, where
+    bends: measured on node frames (``docs/certification.md``, "Merged leaves with offset
+    rows"), one merge with offset rows costs ~7 % of the width of a leaf per segment, where
     :func:`radius_groups`' equal split costs ~20 %.
     """
     ends = nodes.tolist()
@@ -508,11 +508,10 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
     ``leaves`` groups the segments as :func:`radius_groups` does (None: one leaf per segment,
     where the chord is exact; a tensor: that segment → leaf map). A leaf's centre form is the
     chord between its end nodes, moved to the middle of its inner nodes' deviations from that
-    chord; its radius is its largest
-    segment radius plus half that deviation spread (the interpolant is piecewise linear, so it
-    deviates most at a node) plus the chord's own rounding. Returns the leaves (L, 4) (they
-    tile ``box``: adjacent leaves share their cut), centre forms (L, 3, K, P) affine in the
-    active threshold, and radii (L, 1, K, P).
+    chord; its radius is its largest segment radius plus half that deviation spread (the
+    interpolant is piecewise linear, so it deviates most at a node) plus the chord's own
+    rounding. Returns the leaves (L, 4) (they tile ``box``: adjacent leaves share their
+    cut), centre forms (L, 3, K, P) affine in the active threshold, and radii (L, 1, K, P).
     """
     group = radius_groups(nodes.shape[0] - 1, leaves)
     n_leaf = int(group[-1]) + 1
