@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from usn_perception.bounds import spec
 from usn_perception.bounds.box import Budget, PhotometricBox, split_boxes
 from usn_perception.bounds.diagnostics import layer_bounds
 from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
@@ -28,6 +29,7 @@ from usn_perception.bounds.spec import (
     coupled_max,
     lfp_max,
     local_centroid_bounds,
+    possible_argmax,
 )
 from usn_perception.bounds.split import partition, refine
 from usn_perception.bounds.thresholds import ambiguous_mass, threshold_splits
@@ -413,7 +415,8 @@ def test_coupled_max_bounds_sampled_softargmax(max_cells):
             assert bool((x <= upper + 1e-9).all())
 
 
-def test_argmax_bounds_contain_sampled_argmax():
+@pytest.mark.parametrize('batch', [True, False])  # possible_argmax: witnesses at once or not
+def test_argmax_bounds_contain_sampled_argmax(batch, monkeypatch):
     gen = torch.Generator().manual_seed(6)
     n_box, k, h, w = 5, 2, 4, 5
     centre = torch.randn(n_box, 3, k, h * w, generator=gen, dtype=F64)
@@ -422,6 +425,9 @@ def test_argmax_bounds_contain_sampled_argmax():
     gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
                             indexing='ij')
     grid = (gu.reshape(-1), gv.reshape(-1))
+    mask = possible_argmax(centre, radius, SUB_BOXES)
+    monkeypatch.setattr(spec, 'WITNESS_BATCH', 1 << 30 if batch else 0)
+    assert torch.equal(possible_argmax(centre, radius, SUB_BOXES), mask)  # the same mask
     bounds = argmax_bounds(centre, radius, SUB_BOXES, grid)
     thetas = _sample_thetas(SUB_BOXES, 64, gen)
     for i in range(thetas.shape[1]):

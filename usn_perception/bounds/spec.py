@@ -492,6 +492,11 @@ def _first_cells(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Te
     return index.view(*lead, count), valid.view(*lead, count)
 
 
+#: Most form elements (sub-boxes × form terms × keypoints × survivors × witnesses) that
+#: possible_argmax compares in one batch; beyond, one witness at a time (bounded memory).
+WITNESS_BATCH = 1 << 18
+
+
 def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor, *,
                     witnesses: int = 4, ranges: LogitRanges | None = None) -> torch.Tensor:
     """(N, K, n) mask of the cells that may be the argmax somewhere in each sub-box.
@@ -520,11 +525,19 @@ def possible_argmax(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Ten
     idx, valid = _first_cells(survive, n_keep)  # (N, K, S)
     c_i, r_i, mag_i = _gather_many(centre, idx), _gather_many(radius, idx), mag.gather(2, idx)
     possible = valid.clone()
-    for w in range(cand.shape[-1]):
-        j = cand[..., w]
-        gap = lower(_gather_cells(centre, j) - c_i, _gather_cells(radius, j) + r_i)
-        slack = LOGIT_SLACK * (scale + mag_i + mag_w[..., w:w + 1])
-        possible &= ~(form_range(gap, boxes)[0] > slack)
+    if centre.shape[1] * idx.numel() * cand.shape[-1] <= WITNESS_BATCH:
+        # Every witness at once (witness × survivor pairs): a few operations instead of a
+        # dozen per witness, the same values.
+        gap = lower(_gather_many(centre, cand)[..., None] - c_i[..., None, :],
+                    _gather_many(radius, cand)[..., None] + r_i[..., None, :])
+        slack = LOGIT_SLACK * (scale[..., None] + mag_i[..., None, :] + mag_w[..., None])
+        possible &= ~(form_range(gap, boxes)[0] > slack).any(-2)
+    else:
+        for w in range(cand.shape[-1]):
+            j = cand[..., w]
+            gap = lower(_gather_cells(centre, j) - c_i, _gather_cells(radius, j) + r_i)
+            slack = LOGIT_SLACK * (scale + mag_i + mag_w[..., w:w + 1])
+            possible &= ~(form_range(gap, boxes)[0] > slack)
     # Padding goes to a spare last column, dropped after: it cannot overwrite a real cell.
     n = survive.shape[-1]
     out = survive.new_zeros((*survive.shape[:-1], n + 1))
