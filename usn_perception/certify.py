@@ -115,7 +115,7 @@ LEAF_WORK = 2
 OFFSET_LEAF_WORK = 3
 #: Leaves with offset rows a plan sized by work needs before it takes them instead of a radius
 #: row per segment (see _plan_by_work).
-OFFSET_MIN_LEAVES = 4
+OFFSET_MIN_LEAVES = 3
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
@@ -404,10 +404,10 @@ def _plan_by_work(root: torch.Tensor, enc: ImageEncoding, axis: int, nodes: torc
     (:func:`~usn_perception.bounds.levels.narrowest_merged`) until every segment has its
     own; then every segment cut into the most equal parts that still fit, keeping one row and
     leaf per segment. Measured on node frames (``docs/certification.md``,
-    "Merged leaves with offset rows"): at the same work, offset rows on 4 or more merged
-    leaves beat a row per segment without them (work 19: median tightness 2.18 against
-    2.57), on 3 they do not (2.77 against 2.83 at work 16, worse on most frames); offset
-    rows on every segment and cuts then buy about the same, offset rows first.
+    "Merged leaves with offset rows"): at the same work, offset rows on 3 or more merged
+    leaves beat radius rows without them (median tightness 2.91 against 3.82 at work 15,
+    2.18 against 2.57 at 19), on 2 they do not (4.06 against 3.64 at work 13); offset rows
+    on every segment and cuts then buy about the same, offset rows first.
     """
     segments = nodes.shape[0] - 1
     with_offsets = min(segments, (work - points) // OFFSET_LEAF_WORK)
