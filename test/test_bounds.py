@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from usn_perception.bounds import spec
+from usn_perception.bounds import layers, spec
 from usn_perception.bounds.box import Budget, PhotometricBox, split_boxes
 from usn_perception.bounds.diagnostics import layer_bounds
 from usn_perception.bounds.forms import form_at, form_corners, form_range, lower, upper
@@ -330,6 +330,27 @@ def test_module_outputs_stand_for_every_op(seed):
             torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12, msg=op.name)
         with pytest.raises(ValueError, match='module outputs'):
             compiled.op_values(outputs[:-2])
+
+
+@pytest.mark.parametrize('padding', [0, 'same'])
+def test_pointwise_conv_matches_the_convolution_in_every_layout(padding):
+    """A 1x1 convolution runs as a matrix product; its values are the convolution's."""
+    gen = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(6, 3, 1, padding=padding, bias=False).double().eval()
+    strided = nn.Conv2d(6, 3, 1, stride=2, bias=False).double().eval()
+    for m, pointwise in ((conv, True), (strided, False)):
+        assert layers._pointwise(m) == pointwise
+        op = compile_network(nn.Sequential(m), (6, 5, 7)).ops[0]
+        assert op.fan_in == 6  # what the float32 rounding bounds use: C terms either way
+        x = torch.randn((4, 6, 5, 7), generator=gen, dtype=F64)
+        layouts = [x, x.contiguous(memory_format=torch.channels_last),
+                   x.transpose(2, 3).contiguous().transpose(2, 3)]  # neither: the fallback
+        for dtype in (torch.float64, torch.float32):
+            w = m.weight.detach().to(dtype)
+            for inp in (t.to(dtype) for t in layouts):
+                for apply, weight in ((op.apply, w), (op.apply_abs, w.abs())):
+                    want = torch.nn.functional.conv2d(inp, weight, stride=m.stride)
+                    torch.testing.assert_close(apply(inp), want, rtol=1e-6, atol=1e-6)
 
 
 def test_compile_cache_follows_in_place_changes():
