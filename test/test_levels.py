@@ -17,6 +17,7 @@ import torch
 from test_certify import assert_sound, homogeneous_detector
 from test_free import DEFAULT, F64, NODE_BOX, OFFLINE_BOX, homogeneous_shallow, mid_image
 
+from usn_perception.bounds.fused import fused_prefix
 from usn_perception.bounds.inputs import ImageEncoding
 from usn_perception.bounds.layers import AffineOp, compile_network
 from usn_perception.bounds.levels import (
@@ -140,7 +141,30 @@ def test_parts_interpolated_through_the_linear_start_stay_within_the_radius(seed
     if arch == 'linear':
         det = Detector(torch.nn.Sequential(
             *(m for m in det.net if not isinstance(m, torch.nn.ReLU))).eval(), det.config)
+    # linear-first: scale, conv, conv before the ReLU, which the level pass runs fused
+    fused = fused_prefix(compile_network(det.net, (1, 24, 32)))
+    assert (fused is not None) == (arch == 'linear-first')
     _check_radius(det, one_sided(seed, side), side, groups, precision, False, 3)
+
+
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_the_fused_prefix_changes_the_level_pass_by_rounding_only(seed, side, monkeypatch):
+    import usn_perception.bounds.levels as levels_module
+
+    det, image = linear_first_detector(seed, 'local-centroid'), one_sided(seed, side)
+    enc = ImageEncoding(image, det.config.input_size)
+    net = compile_network(det.net, enc.shape)
+    assert fused_prefix(net) is not None
+    box = _rest(enc, OFFLINE_BOX)
+    axis = level_axis(box, enc.values, enc.value_weights)
+    nodes = level_nodes(box, enc.values, enc.value_weights, axis)
+    fused = level_logits(net, enc, nodes, axis)
+    monkeypatch.setattr(levels_module, 'fused_prefix', lambda net: None)
+    plain = level_logits(net, enc, nodes, axis)
+    scale = float(plain[0].abs().max())
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-5 * scale)
+    ratio = float(fused[1].mean() / plain[1].mean())
+    assert 0.8 < ratio < 1.25, ratio  # the same error terms, rounding bounded per output
 
 
 @pytest.mark.parametrize('groups', [None, 1, 2, 'merged'])

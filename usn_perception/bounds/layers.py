@@ -47,6 +47,21 @@ class LinearOp:
     bias: torch.Tensor | None
     nonneg: bool = False
     fan_in: int = 0
+    #: A Conv2d's geometry and float64 weight (BatchNorm folded in), for code that composes
+    #: convolutions (:mod:`usn_perception.bounds.fused`); None for every other layer.
+    conv: ConvGeometry | None = None
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What F.conv2d needs besides the input: float64 ``weight`` (O, C, kh, kw) and the rest."""
+
+    weight: torch.Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    padding_mode: str
+    dilation: tuple[int, int]
+    groups: int
 
 
 @dataclass(frozen=True)
@@ -191,7 +206,11 @@ def _conv_op(name: str, m: nn.Module, bn: tuple | None) -> LinearOp:
     per_group = w.shape[0] // m.groups if isinstance(m, nn.ConvTranspose2d) else w.shape[1]
     fan_in = int(per_group * w.shape[2] * w.shape[3])
     apply, apply_abs = _by_dtype(conv, w)
-    return LinearOp(name, apply, apply_abs, bias, bool((w >= 0).all()), fan_in)
+    geometry = None
+    if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str):
+        geometry = ConvGeometry(w, _pair(m.stride), _pair(m.padding), m.padding_mode,
+                                _pair(m.dilation), m.groups)
+    return LinearOp(name, apply, apply_abs, bias, bool((w >= 0).all()), fan_in, geometry)
 
 
 def _pointwise(m: nn.Conv2d) -> bool:

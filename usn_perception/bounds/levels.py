@@ -60,6 +60,7 @@ import time
 
 import torch
 
+from usn_perception.bounds.fused import FusedPrefix, fused_prefix
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
 from usn_perception.bounds.rounding import TINY, U32, U64, all_finite, gamma
@@ -209,6 +210,17 @@ def _affine(op: AffineOp, d: torch.Tensor, r: torch.Tensor, unit: float,
         o = o * scale_d
     return (d * scale_d, (src * scale_d.abs()).mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY),
             o)
+
+
+def _prefix(fused: FusedPrefix, d: torch.Tensor, r: torch.Tensor, unit: float,
+            layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deviations and the radius row through the fused linear prefix (:mod:`.fused`).
+
+    The radius holds the fused map's own rounding (:meth:`~.fused.FusedPrefix.radius`, from
+    max_j |D_j|).
+    """
+    r = fused.radius(r, _deviation(d), unit).add_(TINY)
+    return fused.apply(d).contiguous(memory_format=layout), r.contiguous(memory_format=layout)
 
 
 def _fold(r: torch.Tensor, o: torch.Tensor, unit: float) -> torch.Tensor:
@@ -465,8 +477,14 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     unstable = 0
     m = None  # max_j |D_j| when the previous op provides it
     o = None  # offset rows from the first ReLU on (see _relu)
+    # The linear ops before the first ReLU as one convolution where they compose (.fused).
+    fused = fused_prefix(net)
+    if fused is not None:
+        d, r = _prefix(fused, d, r, unit, layout)
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
         for i, op in enumerate(net.ops):
+            if fused is not None and i < fused.stop:
+                continue
             if deadline is not None and time.perf_counter() > deadline:
                 raise BudgetExceeded
             if isinstance(op, LinearOp):
