@@ -9,6 +9,7 @@ from torch import nn
 
 from usn_perception.bounds.fused import _pad, fused_prefix
 from usn_perception.bounds.layers import LinearOp, compile_network
+from usn_perception.bounds.prefix import apply_prefix
 from usn_perception.bounds.rounding import U32, U64
 from usn_perception.network import InputNormalization
 
@@ -34,10 +35,7 @@ def _stack(first: nn.Conv2d, second: nn.Module, *, scale: bool = True,
 def _op_by_op(net, x: torch.Tensor) -> torch.Tensor:
     """The prefix's linear part in float64, one op after the other."""
     compiled = compile_network(net, tuple(x.shape[1:]))
-    y = x.double()
-    for op in compiled.ops[:fused_prefix(compiled).stop]:
-        y = op.apply(y) if isinstance(op, LinearOp) else y * op.scale
-    return y
+    return apply_prefix(compiled, fused_prefix(compiled).stop, x.double(), linear=True)
 
 
 GEOMETRIES = [  # (first conv, second conv, input H, W)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, ConvGeometry, LinearOp
+from usn_perception.bounds.prefix import apply_prefix, linear_prefix
 from usn_perception.bounds.rounding import gamma
 
 #: Relative agreement with the op-by-op prefix that a fused prefix must show on a random
@@ -236,24 +237,17 @@ def fused_prefix(net: CompiledNetwork) -> FusedPrefix | None:
 
 
 def _build(net: CompiledNetwork) -> FusedPrefix | None:
-    ops = net.ops
-    i, scale = 0, None
-    while i < len(ops) and isinstance(ops[i], AffineOp):
-        s = torch.as_tensor(ops[i].scale, dtype=torch.float64)
-        scale = s if scale is None else scale * s
-        i += 1
-    if i + 2 > len(ops) or not all(isinstance(op, LinearOp) for op in ops[i:i + 2]):
+    stop = linear_prefix(net)
+    ops = net.ops[:stop]
+    if stop < 2 or not all(isinstance(op, AffineOp) for op in ops[:-2]) or not all(
+            isinstance(op, LinearOp) for op in ops[-2:]) or not _fusable(*ops[-2:]):
         return None
-    first, second = ops[i], ops[i + 1]
-    stop = i + 2
-    if stop < len(ops) and isinstance(ops[stop], (LinearOp, AffineOp)):
-        return None  # more linear ops before the first ReLU: not this pattern
-    if not _fusable(first, second):
-        return None
+    first, second = ops[-2:]
     g1, g2 = first.conv, second.conv
     w1 = g1.weight
-    if scale is not None:
-        w1 = w1 * scale.reshape(-1).view(1, -1, 1, 1).expand(1, w1.shape[1], 1, 1)
+    for op in ops[:-2]:  # the elementwise scales, folded into the first kernel's inputs
+        scale = torch.as_tensor(op.scale, dtype=torch.float64).reshape(-1)
+        w1 = w1 * scale.view(1, -1, 1, 1).expand(1, w1.shape[1], 1, 1)
     # The composite kernel: Σ_c1 (full convolution of W₂[o, c1] with W₁[c1, c]).
     composite = F.conv_transpose2d(g2.weight, w1)
     taps = composite.shape[1] * composite.shape[2] * composite.shape[3]
@@ -262,9 +256,7 @@ def _build(net: CompiledNetwork) -> FusedPrefix | None:
         g2, composite, taps, {})
     x = torch.rand((2, *net.input_shape), generator=torch.Generator().manual_seed(1),
                    dtype=torch.float64)
-    want = x
-    for op in ops[:stop]:
-        want = op.apply(want) if isinstance(op, LinearOp) else want * op.scale
+    want = apply_prefix(net, stop, x, linear=True)
     got = fused.apply(x)
     if got.shape != want.shape or not bool(
             ((got - want).abs() <= CHECK_TOLERANCE * (1.0 + want.abs().amax())).all()):

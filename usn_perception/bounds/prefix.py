@@ -49,8 +49,8 @@ def linear_prefix(net: CompiledNetwork) -> int:
     return n
 
 
-def _apply_prefix(net: CompiledNetwork, n_ops: int, x: torch.Tensor,
-                  linear: bool = False) -> torch.Tensor:
+def apply_prefix(net: CompiledNetwork, n_ops: int, x: torch.Tensor,
+                 linear: bool = False) -> torch.Tensor:
     """The prefix ops on a concrete batch; ``linear`` drops every bias and shift."""
     for op in net.ops[:n_ops]:
         if not linear:
@@ -123,7 +123,7 @@ def _deviation_range(net: CompiledNetwork, n_ops: int,
     """
     out = None
     for chunk in (dev_in.split(POINT_CHUNK) if dev_in.shape[0] else ()):
-        y = _apply_prefix(net, n_ops, chunk, linear=True)
+        y = apply_prefix(net, n_ops, chunk, linear=True)
         # amin + amax: torch.aminmax over dim 0 is ~10x slower here (torch 2.13, CPU).
         c_lo, c_hi = y.amin(0), y.amax(0)
         if out is not None:
@@ -192,13 +192,13 @@ def prefix_forms(enc: ImageEncoding, net: CompiledNetwork, boxes: torch.Tensor, 
     if bool(some.any()):
         c_in, r_in = enc.threshold_forms(boxes[some], only=relaxed[some])
         form_in[some] += c_in
-    centre = torch.cat([_apply_prefix(net, n_ops, part, linear=True)
+    centre = torch.cat([apply_prefix(net, n_ops, part, linear=True)
                         for part in form_in.flatten(0, 1).split(POINT_CHUNK)])
     centre = centre.view(n, 3, *centre.shape[1:])
     if r_in is not None:
         radius = torch.zeros_like(centre[:, 0])
         radius[some] = _apply_abs(net, n_ops, r_in[:, 0])
-    centre[:, 0] += _apply_prefix(net, n_ops, torch.zeros_like(inputs[:1]))[0]  # biases
+    centre[:, 0] += apply_prefix(net, n_ops, torch.zeros_like(inputs[:1]))[0]  # biases
     # Each axis' deviation from its chord: extremes over its breakpoints (the ends are 0);
     # the two axes add.
     shape = centre.shape[2:]
