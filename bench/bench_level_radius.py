@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             one = levels.level_logits(net, enc, points, axis, nominal=trace,
                                       group=torch.zeros(segments, dtype=torch.long))
             each = levels.level_logits(net, enc, points, axis, nominal=trace)
-            logits, r_one, r_each = one[0], one[1], each[1]
+            # Symmetric radii (offset folded in), as the readout bounds once took them.
+            logits = one.logits
+            r_one, r_each = (x.radius + x.offset.abs() for x in (one, each))
             inputs = _nodal_inputs(enc, points, axis)
             true = _true_deviation(net, inputs, logits, args.samples)
             ks, cs = _window_cells(logits[0], det.config.heatmap_size[0])

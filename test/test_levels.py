@@ -45,6 +45,7 @@ from usn_perception.certify import (
 )
 from usn_perception.detector import Detector, load_detector
 from usn_perception.network import DetectorConfig, build_network
+from usn_perception.readout import LOCAL_RADIUS
 
 
 def one_sided(seed: int, side: str) -> np.ndarray:
@@ -129,6 +130,23 @@ def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precisi
                   reuse, subdivide)
 
 
+@pytest.mark.parametrize('offset', [False, True])
+@pytest.mark.parametrize('groups', [None, 1, 'merged'])
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark'), (3, 'bright')])
+def test_backward_window_bands_hold_and_narrow_the_rows(seed, side, groups, offset):
+    # The window cells bounded again backward (bounds.backward): still sound between the
+    # nodes, never wider than the rows' band, and narrower on average.
+    det, image = homogeneous_shallow(seed, 'local-centroid'), one_sided(seed, side)
+    rows = _check_radius(det, image, side, groups, 'float32', False, 1, offset=offset,
+                         band=True)
+    back = _check_radius(det, image, side, groups, 'float32', False, 1, offset=offset,
+                         window=LOCAL_RADIUS, band=True)
+    narrower = (back[1] - back[0]) <= (rows[1] - rows[0]) * (1 + 1e-9) + 1e-12
+    assert bool(narrower.all())
+    changed = (back[1] - back[0]) < 0.9 * (rows[1] - rows[0])
+    assert int(changed.sum()) > 0
+
+
 @pytest.mark.parametrize('precision', ['float32', 'float64'])
 @pytest.mark.parametrize('groups', [None, 1, 2])
 @pytest.mark.parametrize('arch', ['linear-first', 'linear'])
@@ -200,10 +218,12 @@ def test_offset_rows_through_a_scale_after_a_relu(seed, side, offset):
                       offset=offset)
 
 
-def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offset=True):
-    """The network's logits between the nodes lie within the interpolant ± the radius.
+def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offset=True,
+                  window=None, band=False):
+    """The network's logits between the nodes lie within the interpolant + offset ± radius.
 
-    Returns the radius (G − 1, K, P).
+    Returns the radius (G − 1, K, P), or with ``band`` the band (lo, hi) around the
+    interpolant.
     """
     enc = ImageEncoding(image, det.config.input_size)
     net = compile_network(det.net, enc.shape)
@@ -218,8 +238,9 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offs
     group = None if groups is None else radius_groups(
         nodes.shape[0] - 1,
         narrowest_merged(nodes, nodes.shape[0] - 2) if groups == 'merged' else groups)
-    logits, radius, _ = level_logits(net, enc, nodes, axis, group=group, precision=precision,
-                                     nominal=trace, offset=offset)
+    logits, radius, centre, _ = level_logits(net, enc, nodes, axis, group=group,
+                                             precision=precision, nominal=trace,
+                                             offset=offset, window=window)
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     scale = float(logits.abs().max())
     for s in range(nodes.shape[0] - 1):
@@ -229,11 +250,11 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offs
         true = _net_logits(det, enc, taus, kappas)
         frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
         interp = logits[s] + frac * (logits[s + 1] - logits[s])
-        gap = (true - interp).abs()
+        gap = (true - interp - centre[s]).abs()
         assert bool((gap <= radius[s] + 1e-12 * scale).all()), float((gap - radius[s]).max())
     if groups is None:  # per-segment radii: tight where the network is nearly linear
-        assert float(radius.max()) < 0.05 * scale
-    return radius
+        assert float((radius + centre.abs()).max()) < 0.05 * scale
+    return (centre - radius, centre + radius) if band else radius
 
 
 @pytest.mark.skipif(not DEFAULT.exists(), reason='shipped model not present')
@@ -248,8 +269,9 @@ def test_shipped_model_logits_stay_within_the_radius():
     box = _rest(enc, NODE_BOX)
     axis = level_axis(box, enc.values, enc.value_weights)
     nodes = level_nodes(box, enc.values, enc.value_weights, axis)
-    logits, radius, _ = level_logits(net, enc, nodes, axis,
-                                     group=radius_groups(nodes.shape[0] - 1, 3))
+    logits, radius, centre, _ = level_logits(net, enc, nodes, axis,
+                                             group=radius_groups(nodes.shape[0] - 1, 3),
+                                             window=LOCAL_RADIUS)
     other = float(enc.values.min() if axis == KAPPA else enc.values.max())
     for s in range(0, nodes.shape[0] - 1, 3):
         t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 5, dtype=F64)
@@ -257,7 +279,7 @@ def test_shipped_model_logits_stay_within_the_radius():
         true = _net_logits(det, enc, *((fixed, t) if axis == KAPPA else (t, fixed)))
         frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
         interp = logits[s] + frac * (logits[s + 1] - logits[s])
-        assert bool(((true - interp).abs() <= radius[s] + 1e-12).all())
+        assert bool(((true - interp - centre[s]).abs() <= radius[s] + 1e-12).all())
 
 
 @pytest.mark.parametrize('leaves', [None, 1, 3])

@@ -48,8 +48,11 @@ class LinearOp:
     nonneg: bool = False
     fan_in: int = 0
     #: A Conv2d's geometry and float64 weight (BatchNorm folded in), for code that composes
-    #: convolutions (:mod:`usn_perception.bounds.fused`); None for every other layer.
+    #: convolutions (:mod:`usn_perception.bounds.fused`) or runs their adjoint
+    #: (:mod:`usn_perception.bounds.backward`); None for every other layer.
     conv: ConvGeometry | None = None
+    #: The same for a ConvTranspose2d (weight (C_in, C_out / groups, kh, kw)); None otherwise.
+    conv_transpose: ConvGeometry | None = None
 
 
 @dataclass(frozen=True)
@@ -206,11 +209,15 @@ def _conv_op(name: str, m: nn.Module, bn: tuple | None) -> LinearOp:
     per_group = w.shape[0] // m.groups if isinstance(m, nn.ConvTranspose2d) else w.shape[1]
     fan_in = int(per_group * w.shape[2] * w.shape[3])
     apply, apply_abs = _by_dtype(conv, w)
-    geometry = None
-    if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str):
+    geometry = transposed = None
+    if isinstance(m, nn.ConvTranspose2d):
+        transposed = ConvGeometry(w, _pair(m.stride), _pair(m.padding), m.padding_mode,
+                                  _pair(m.dilation), m.groups)
+    elif isinstance(m, nn.Conv2d) and not isinstance(m.padding, str):
         geometry = ConvGeometry(w, _pair(m.stride), _pair(m.padding), m.padding_mode,
                                 _pair(m.dilation), m.groups)
-    return LinearOp(name, apply, apply_abs, bias, bool((w >= 0).all()), fan_in, geometry)
+    return LinearOp(name, apply, apply_abs, bias, bool((w >= 0).all()), fan_in, geometry,
+                    transposed)
 
 
 def _pointwise(m: nn.Conv2d) -> bool:

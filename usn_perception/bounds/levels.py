@@ -57,9 +57,11 @@ scales the input (the readout ignores scale), τ where nothing dark clips only s
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
+from usn_perception.bounds.backward import BackwardTape, start_index, window_bands, window_cells
 from usn_perception.bounds.fused import FusedPrefix, fused_prefix
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
@@ -68,6 +70,15 @@ from usn_perception.bounds.thresholds import present_range
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
 TAU, KAPPA = 0, 1
+
+
+class LevelLogits(NamedTuple):
+    """:func:`level_logits`'s result: nodal logits and per segment a band offset ± radius."""
+
+    logits: torch.Tensor
+    radius: torch.Tensor
+    offset: torch.Tensor
+    mixed: int
 
 
 def level_axis(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> int | None:
@@ -223,13 +234,9 @@ def _prefix(fused: FusedPrefix, d: torch.Tensor, r: torch.Tensor, unit: float,
     return fused.apply(d).contiguous(memory_format=layout), r.contiguous(memory_format=layout)
 
 
-def _fold(r: torch.Tensor, o: torch.Tensor, unit: float) -> torch.Tensor:
-    """A radius that holds the band o ± r: r + |o|, rounded up."""
-    return (r + o.abs()).mul_(1.0 + 4.0 * unit).add_(TINY)
-
-
 def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tensor,
-          unit: float, o: torch.Tensor | None = None, offset: bool = False) -> tuple:
+          unit: float, o: torch.Tensor | None = None, offset: bool = False,
+          record: dict | None = None) -> tuple:
     """Nodal ReLU: node j is c_0 + D_j (D_0 = 0, not stored), c_0 = ``v0`` in float64.
 
     Returns the deviations ReLU(c_0 + D_j) − ReLU(c_0), the new radii, the bound m of the
@@ -251,6 +258,8 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
     kept as an *offset row* o (its centre) and a radius: the offset moves through the next
     linear layer with W's signs, where it cancels, and a radius only grows through |W|. The
     offset rows (``o`` in, the result out; None without ``offset``) need ``offset``.
+    ``record``, when given, receives the on-mask ('keep', 1.0 where on, in memory order) and
+    the mixed neurons' indices ('mixed') for :mod:`.backward`.
     """
     n_r = r.shape[0]
     last = _channels_last(d)  # neurons in the order of d's memory, whatever it is
@@ -277,6 +286,8 @@ def _relu(v0: torch.Tensor, d: torch.Tensor, r: torch.Tensor, group: torch.Tenso
     keep = on.to(d.dtype)
     mixed = torch.nonzero(on.logical_or_(off).logical_not_())[:, 0]  # ``on`` is spent here
     n_mixed = int(mixed.numel())
+    if record is not None:
+        record.update(keep=keep, mixed=mixed)
     if n_mixed:  # gathered before d, r and m are zeroed in place
         dm, rm = d2.index_select(1, mixed), r2.index_select(1, mixed)
         cm, mm = c.index_select(0, mixed), m.index_select(0, mixed)
@@ -425,17 +436,20 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                  group: torch.Tensor | None = None, precision: str = 'float32',
                  deadline: float | None = None,
                  nominal: list[torch.Tensor] | tuple | None = None,
-                 offset: bool = True) -> tuple | None:
-    """Heatmap logits at the ``points`` (distinct, ascending) and each segment's radius.
+                 offset: bool = True, window: int | None = None) -> LevelLogits | None:
+    """Heatmap logits at the ``points`` (distinct, ascending) and each segment's band.
 
     ``group`` (G' − 1,) maps each segment to its radius row, contiguous and from 0 (None: one
     row per segment, the tightest; all 0: one for all, the cheapest: every row costs one image
-    per layer). Returns ((G', K, P) float64 logits, (G' − 1, K, P) float64 radius of each
-    segment, count of mixed neurons), or None when a deviation overflowed (the caller bounds
-    the sub-box another way). ``precision``: the deviations' dtype ('float32' needs
-    :func:`~usn_perception.bounds.rounding.float32_problem` to have found nothing).
-    ``offset``: every row also carries an offset row from the first ReLU on (:func:`_relu`),
-    one more image per row in the layers after it, folded into the radius at the end:
+    per layer). Returns :class:`LevelLogits`: (G', K, P) float64 logits, and per segment
+    (G' − 1, K, P) float64 an offset and a radius (the logits between the segment's nodes lie
+    within interpolant + offset ± radius), and the count of mixed neurons; or None when a
+    deviation overflowed (the caller bounds the sub-box another way). ``window``: the cells
+    within this many of each keypoint's reference argmax are bounded again by
+    :mod:`.backward` (float32 only), the rest by the rows. ``precision``: the deviations'
+    dtype ('float32' needs :func:`~usn_perception.bounds.rounding.float32_problem` to have
+    found nothing). ``offset``: every row also carries an offset row from the first ReLU on
+    (:func:`_relu`), one more image per row in the layers after it, kept to the end:
     measured on node frames and renders to buy more tightness per unit of time than more
     rows or parts do (``docs/certification.md``, "Offset rows").
 
@@ -481,17 +495,23 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     fused = fused_prefix(net)
     if fused is not None:
         d, r = _prefix(fused, d, r, unit, layout)
+    start = start_index(net) if window is not None and dtype == torch.float32 else None
+    tape = BackwardTape() if start is not None else None
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK convolutions are Winograd
         for i, op in enumerate(net.ops):
             if fused is not None and i < fused.stop:
                 continue
             if deadline is not None and time.perf_counter() > deadline:
                 raise BudgetExceeded
-            if isinstance(op, LinearOp):
-                d, r, o = _linear(op, d, r, m, unit, o)
-                m = None
-            elif isinstance(op, AffineOp):
-                d, r, o = _affine(op, d, r, unit, o)
+            taped = tape is not None and i > start
+            if isinstance(op, (LinearOp, AffineOp)):
+                if taped:
+                    m = _deviation(d) if m is None else m
+                    tape.steps.append(_rounding_step(op, m, unit, d.shape[-2:]))
+                if isinstance(op, LinearOp):
+                    d, r, o = _linear(op, d, r, m, unit, o)
+                else:
+                    d, r, o = _affine(op, d, r, unit, o)
                 m = None
             else:
                 if interpolate:
@@ -499,26 +519,82 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                     interpolate = False
                 if r.shape[0] != rows:
                     r = r.repeat(rows, 1, 1, 1).contiguous(memory_format=layout)
+                record = {} if taped else None
                 d, r, m, n, o = _relu(refs[i - 1] if i else v0, d, r, group, unit, o,
-                                      offset=offset)
+                                      offset=offset, record=record)
                 unstable += n
+                if tape is not None and i == start:
+                    tape.start = (o, r)
+                elif taped:
+                    tape.steps.append(_relu_step(record, d, o, r))
     if interpolate:  # a network without any ReLU
         d, r = _interpolate(d, r, left, right, weight, unit)
-    if o is not None:  # the readout takes a radius: the band o ± r within ± (r + |o|)
-        r = _fold(r, o, unit)
-    if not all_finite(d, r):
+    if not all_finite(d, r) or (o is not None and not all_finite(o)):
         return None
-    v0 = (refs[-1] if refs else v0).flatten(2)
+    v0 = (refs[-1] if refs else v0)
+    # The band at the logits per row, o ± r, in float64 (exact from float32).
+    lo, hi = (-r.double(), r.double()) if o is None else (o.double() - r.double(),
+                                                          o.double() + r.double())
+    lo, hi = lo.flatten(1), hi.flatten(1)
+    if tape is not None and tape.start is not None:
+        heatmap = tuple(v0.shape[1:])
+        upper = (v0.flatten(1) + d.double().flatten(1).amax(0).clamp(min=0.0)
+                 + hi.amax(0).clamp(min=0.0)).view(heatmap)  # every node and row, from above
+        cells = window_cells(v0[0], window, upper)
+        bands = window_bands(net, tape, heatmap, cells)
+        if bands is not None:
+            index, b_lo, b_hi = bands
+            lo[:, index] = torch.maximum(lo[:, index], b_lo)
+            hi[:, index] = torch.minimum(hi[:, index], b_hi)
+    centre = (hi + lo) * 0.5
+    radius = ((hi - lo) * 0.5 + (hi.abs() + lo.abs()) * (4.0 * U64)) * (1.0 + 4.0 * U64) + TINY
+    v0 = v0.flatten(2)
     logits = torch.cat([v0, v0 + d.double().flatten(2)])
-    radius = r.double().flatten(2).index_select(0, group if r.shape[0] == rows else group * 0)
+    pick = group if radius.shape[0] == rows else group * 0
+    shape = (-1, *logits.shape[1:])
+    radius = radius.index_select(0, pick).view(shape)
+    centre = centre.index_select(0, pick).view(shape)
     if flip:
-        logits, radius = logits.flip(0), radius.flip(0)
-    return logits, radius, unstable
+        logits, radius, centre = logits.flip(0), radius.flip(0), centre.flip(0)
+    return LevelLogits(logits, radius, centre, unstable)
+
+
+def _rounding_step(op: LinearOp | AffineOp, m: torch.Tensor, unit: float,
+                   size: tuple[int, int]) -> tuple:
+    """A tape step for :mod:`.backward`: the bound of the op's rounding of the nodal values.
+
+    The level pass adds the same term to its radius (:func:`_linear`, :func:`_affine`).
+    """
+    if isinstance(op, AffineOp):
+        scale = torch.as_tensor(op.scale).to(m.dtype).abs()
+        eps = (m * gamma(2, unit)) * scale
+        eps = eps.mul_(1.0 + 4.0 * gamma(18, unit)).add_(TINY)
+        return ('affine', op, eps, tuple(size))
+    src = m * gamma(op.fan_in + 1, unit)
+    eps = op.apply(src) if op.nonneg else op.apply_abs(src)
+    eps = eps.mul_(1.0 + 4.0 * gamma(op.fan_in + 16, unit)).add_(TINY)
+    return ('linear', op, eps, tuple(size))
+
+
+def _relu_step(record: dict, d: torch.Tensor, o: torch.Tensor | None,
+               r: torch.Tensor) -> tuple:
+    """A tape step for :mod:`.backward`: a ReLU's on-mask and its mixed neurons' bands o ± r."""
+    last = _channels_last(d)
+    keep = _unrows(record['keep'][None], d[:1], last)
+    mixed = record['mixed']
+    _, c, h, w = d.shape
+    if last:  # memory order (y, x, c)
+        positions = torch.stack([mixed % c, mixed // (c * w), (mixed // c) % w])
+    else:
+        positions = torch.stack([mixed // (h * w), (mixed // w) % h, mixed % w])
+    mid = None if o is None else _rows(o, last).index_select(1, mixed)
+    return ('relu', keep, positions, mid, _rows(r, last).index_select(1, mixed))
 
 
 def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.Tensor,
                radius: torch.Tensor,
-               leaves: int | torch.Tensor | None = None
+               leaves: int | torch.Tensor | None = None,
+               offset: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sub-boxes (leaves) of ``box`` made of contiguous segments, each with its chord form.
 
@@ -528,8 +604,10 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
     chord between its end nodes, moved to the middle of its inner nodes' deviations from that
     chord; its radius is its largest segment radius plus half that deviation spread (the
     interpolant is piecewise linear, so it deviates most at a node) plus the chord's own
-    rounding. Returns the leaves (L, 4) (they tile ``box``: adjacent leaves share their
-    cut), centre forms (L, 3, K, P) affine in the active threshold, and radii (L, 1, K, P).
+    rounding. With ``offset`` (G − 1, K, P) a segment's band is offset ± radius: the leaf's
+    centre moves to the middle of its segments' bands. Returns the leaves (L, 4) (they tile
+    ``box``: adjacent leaves share their cut), centre forms (L, 3, K, P) affine in the
+    active threshold, and radii (L, 1, K, P).
     """
     group = radius_groups(nodes.shape[0] - 1, leaves)
     n_leaf = int(group[-1]) + 1
@@ -550,15 +628,23 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
         if last - first > 1:
             inner = logits[first + 1:last] - (c0 + slope * nodes[first + 1:last].view(-1, 1, 1))
             dev_hi, dev_lo = inner.amax(0).clamp_(min=0.0), inner.amin(0).clamp_(max=0.0)
-        centre[i, 0] = c0 + 0.5 * (dev_hi + dev_lo)
+        # The segments' bands: [−radius, radius], or offset ± radius.
+        if offset is None:
+            band_hi = radius[first:last].amax(0)
+            band_lo = -band_hi
+        else:
+            band_hi = (offset[first:last] + radius[first:last]).amax(0)
+            band_lo = (offset[first:last] - radius[first:last]).amin(0)
+        mid = 0.5 * (band_hi + band_lo)
+        centre[i, 0] = c0 + 0.5 * (dev_hi + dev_lo) + mid
         centre[i, 1 + axis] = slope
         # The chord in floating point is within a few ulps of the exact one through (a, b);
-        # the deviations were computed in float64 too.
+        # the deviations were computed in float64 too, and so were the bands.
         reach = max(abs(lo), abs(hi))
         slop = (a.abs() + b.abs() + c0.abs() + slope.abs() * reach
-                + dev_hi - dev_lo) * (32.0 * U64)
+                + dev_hi - dev_lo + band_hi.abs() + band_lo.abs()) * (32.0 * U64)
         spread = 0.5 * (dev_hi - dev_lo)
-        rad[i] = ((radius[first:last].amax(0) + spread) * (1.0 + 16.0 * U64) + slop + 1e-300)
+        rad[i] = ((0.5 * (band_hi - band_lo) + spread) * (1.0 + 16.0 * U64) + slop + 1e-300)
     return out, centre, rad[:, None]
 
 
@@ -567,7 +653,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  nodes: torch.Tensor | None = None,
                  precision: str = 'float32', deadline: float | None = None,
                  nominal: list[torch.Tensor] | tuple | None = None,
-                 offset: bool = True) -> tuple | None:
+                 offset: bool = True, window: int | None = None) -> tuple | None:
     """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count).
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
@@ -576,7 +662,8 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     point's own error. The result still leaves out the input's − τ: the caller adds |τ|·R.
     None when :func:`level_logits` is. ``leaves`` as in :func:`leaf_forms`; ``nodes``:
     :func:`level_nodes` of the box, when the caller has them; ``nominal``: the image's module
-    outputs and ``offset`` the offset rows (see :func:`level_logits`).
+    outputs, ``offset`` the offset rows and ``window`` the backward-bounded cells (see
+    :func:`level_logits`).
     """
     values, weights = enc.values, enc.value_weights
     if nodes is None:
@@ -590,12 +677,17 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     else:
         _, group = torch.unique_consecutive(leaf_of[live], return_inverse=True)
     out = level_logits(net, enc, points, axis, group=group, precision=precision,
-                       deadline=deadline, nominal=nominal, offset=offset)
+                       deadline=deadline, nominal=nominal, offset=offset, window=window)
     if out is None:
         return None
-    logits, radius, mixed = out
+    logits, radius, centre, mixed = out
     seg = index[:-1].clamp(max=radius.shape[0] - 1)  # live segment s is evaluated one index[s]
-    before = radius[(index[:-1] - 1).clamp(min=0)]
-    flat = torch.maximum(before, radius[seg])  # a constant segment: its point's error
-    per_segment = torch.where(live.view(-1, 1, 1), radius[seg], flat)
-    return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves), mixed)
+    before = (index[:-1] - 1).clamp(min=0)
+    # A constant segment: its point's error, within the bands of the segments beside it.
+    reach = radius + centre.abs()
+    flat = torch.maximum(reach[before], reach[seg])
+    live = live.view(-1, 1, 1)
+    per_segment = torch.where(live, radius[seg], flat)
+    per_offset = torch.where(live, centre[seg], torch.zeros_like(flat))
+    return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves, per_offset),
+            mixed)
