@@ -9,10 +9,13 @@ attack, :func:`~usn_perception.bounds.attack.empirical_range`). For reference th
 and Θ are also certified at fixed sub-box budgets without a time limit (``--budgets``), and at
 fixed level work (``--works``: the ``Budget.level_work`` units the node sizes its plans in,
 here without a time limit, so the plan each work buys is compared on the same frames
-whatever the machine's speed).
+whatever the machine's speed), and with ``--backward-works`` the same with the readout window
+bounded backward too (:mod:`usn_perception.bounds.backward`). Fixed sub-box budgets have no
+time limit, so they bound the window backward (``certify_keypoints``' default).
 
     python bench/bench_node_tightness.py --scenes 0,1 --frames 4 --budgets 4,8,12,16,24 \\
-        --works 16,19,22,25,28,31 --out bench/results_node_tightness.md
+        --works 16,19,22,25,28,31 --backward-works 13,16,19,22 \\
+        --out bench/results_node_tightness.md
 
 Tightness of a keypoint: half-perimeter of the certified box over that of the empirical one
 (as in ``bench_certify.py``), both in image pixels. Times are single-thread, one process.
@@ -134,14 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--works', default='',
                     help='fixed level work units (Budget.level_work, no time limit) to certify '
                          'the same frames at, comma-separated')
+    ap.add_argument('--backward-works', default='',
+                    help='the same with the window cells bounded backward too '
+                         '(certify_keypoints(backward=True))')
     ap.add_argument('--out', type=Path, help='write the Markdown report here')
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     stream = NodeStream.from_args(args)
     budgets = [int(b) for b in args.budgets.split(',') if b]
-    works = [int(w) for w in args.works.split(',') if w]
-    if any(b < 1 for b in budgets) or any(w < 1 for w in works):
-        ap.error('--budgets and --works take positive integers')
+    works = [(int(w), False) for w in args.works.split(',') if w]
+    works += [(int(w), True) for w in args.backward_works.split(',') if w]
+    if any(b < 1 for b in budgets) or any(w < 1 for w, _ in works):
+        ap.error('--budgets, --works and --backward-works take positive integers')
     det = load_detector(args.model)
     say = Report()
     say('# Tightness of the node\'s certificates on its own frames')
@@ -154,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     head = ('| scene | frame | measured Θ (α; β) | level nodes / leaves | node certify ms | '
             'predict ms | node tightness | node box px | empirical px |'
             + ''.join(f' {b} sub-boxes | ms |' for b in budgets)
-            + ''.join(f' work {w}: plan | tightness | ms |' for w in works))
+            + ''.join(f' work {w}{" + backward" if back else ""}: plan | tightness | ms |'
+                      for w, back in works))
     say(head)
     say('|' + '---|' * (9 + 2 * len(budgets) + 3 * len(works)))
     summary: dict[str, list[float]] = {'node': []}
     summary.update({str(b): [] for b in budgets})
-    summary.update({f'w{w}': [] for w in works})
+    summary.update({f'{"b" if back else "w"}{w}': [] for w, back in works})
     cost: dict[str, list[float]] = {k: [] for k in summary}
     for scene, i, img, result in stream.picked(det, args.scenes, args.frames):
         box = result.interval.as_box()
@@ -177,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
             summary[str(b)].append(r)
             cost[str(b)].append(ms)
             cells.append(f' {r:.3g} | {ms:.0f} |')
-        for w in works:
+        for w, back in works:
             t = time.perf_counter()
-            cert = certify_keypoints(det, img, box, budget=Budget(1, max_ms=1e6, level_work=w))
+            cert = certify_keypoints(det, img, box, budget=Budget(1, max_ms=1e6, level_work=w),
+                                     backward=back)
             ms = (time.perf_counter() - t) * 1e3
             r = float(np.median(ratios(cert.widths, emp)))
-            summary[f'w{w}'].append(r)
-            cost[f'w{w}'].append(ms)
+            key = f'{"b" if back else "w"}{w}'
+            summary[key].append(r)
+            cost[key].append(ms)
             cells.append(f' {_plan(cert.stats)} | {r:.3g} | {ms:.0f} |')
         say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
             f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, vals in summary.items():
         label = ('node (time-sized)' if key == 'node' else
                  f'level work {key[1:]}, no time limit' if key.startswith('w') else
-                 f'{key} sub-boxes, no time limit')
+                 f'level work {key[1:]} + backward window, no time limit'
+                 if key.startswith('b') else f'{key} sub-boxes, no time limit')
         say(f'| {label} | **{np.median(vals):.3g}** | {np.median(cost[key]):.0f} |')
     if args.out:
         say.write(args.out)

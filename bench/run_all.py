@@ -58,7 +58,8 @@ def benchmarks(data: str | None) -> list[Benchmark]:
     out.append(Benchmark('node-tightness', ('bench_node_tightness.py', '--model', default,
                                             '--scenes', '0,1', '--frames', '4', '--budgets',
                                             '4,8,12,16,24', '--works',
-                                            '16,19,22,25,28,31', '--out',
+                                            '16,19,22,25,28,31', '--backward-works',
+                                            '13,16,19,22', '--out',
                                             'bench/results_node_tightness.md'),
                          'bench/results_node_tightness.md'))
     out.append(Benchmark('level-radius', ('bench_level_radius.py', '--model', default,

@@ -544,8 +544,11 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
         bands = window_bands(net, tape, heatmap, cells)
         if bands is not None:
             index, b_lo, b_hi = bands
-            lo[:, index] = torch.maximum(lo[:, index], b_lo)
-            hi[:, index] = torch.minimum(hi[:, index], b_hi)
+            b_lo, b_hi = torch.maximum(lo[:, index], b_lo), torch.minimum(hi[:, index], b_hi)
+            if bool((b_lo > b_hi).any()):  # two sound bounds of one deviation must meet
+                raise RuntimeError('internal soundness check failed: a backward window band '
+                                   'misses the rows\' band')
+            lo[:, index], hi[:, index] = b_lo, b_hi
     centre = (hi + lo) * 0.5
     radius = ((hi - lo) * 0.5 + (hi.abs() + lo.abs()) * (4.0 * U64)) * (1.0 + 4.0 * U64) + TINY
     v0 = v0.flatten(2)
