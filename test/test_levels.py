@@ -356,6 +356,8 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
                 assert timed.stats['level_nodes'] == natural  # time-limited: not subdivided
             if cert.stats['level_nodes']:
                 assert cert.stats['subboxes'] <= n
+            # No time limit: the local-centroid window is bounded backward (bounds.backward).
+            assert cert.stats['backward'] == (readout == 'local-centroid')
             assert_sound(det, image, box, cert, readout, grid=7)
 
 
@@ -393,6 +395,12 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         last = plan
         plans.append(plan)
         assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
+        assert not st['backward']  # a time limit: the window stays off unless asked for
+        if readout == 'local-centroid':  # asked for: every plan kind, sound
+            back = certify_keypoints(det, image, NODE_BOX, backward=True,
+                                     budget=Budget(1, max_ms=1e6, level_work=work))
+            assert back.stats['backward'] and back.stats['level_work'] == st['level_work']
+            assert_sound(det, image, NODE_BOX, back, readout, grid=7)
     assert last[2] > g and last[0]  # the most work cuts the segments into parts ...
     assert last[1] >= 2 and not last[3]  # ... each natural segment keeping a leaf of its own
     for offset, leaves, nodes, merged in plans:  # offset rows on merged leaves (the
