@@ -238,9 +238,10 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offs
     group = None if groups is None else radius_groups(
         nodes.shape[0] - 1,
         narrowest_merged(nodes, nodes.shape[0] - 2) if groups == 'merged' else groups)
-    logits, radius, centre, _ = level_logits(net, enc, nodes, axis, group=group,
-                                             precision=precision, nominal=trace,
-                                             offset=offset, window=window)
+    logits, radius, centre, _, backward = level_logits(net, enc, nodes, axis, group=group,
+                                                       precision=precision, nominal=trace,
+                                                       offset=offset, window=window)
+    assert backward == (window is not None and precision == 'float32')
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     scale = float(logits.abs().max())
     for s in range(nodes.shape[0] - 1):
@@ -269,9 +270,9 @@ def test_shipped_model_logits_stay_within_the_radius():
     box = _rest(enc, NODE_BOX)
     axis = level_axis(box, enc.values, enc.value_weights)
     nodes = level_nodes(box, enc.values, enc.value_weights, axis)
-    logits, radius, centre, _ = level_logits(net, enc, nodes, axis,
-                                             group=radius_groups(nodes.shape[0] - 1, 3),
-                                             window=LOCAL_RADIUS)
+    logits, radius, centre, _, backward = level_logits(
+        net, enc, nodes, axis, group=radius_groups(nodes.shape[0] - 1, 3), window=LOCAL_RADIUS)
+    assert backward
     other = float(enc.values.min() if axis == KAPPA else enc.values.max())
     for s in range(0, nodes.shape[0] - 1, 3):
         t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 5, dtype=F64)
@@ -296,7 +297,7 @@ def test_level_bounds_cover_the_whole_box_free_part_included(seed, side, leaves)
     points, index = evaluation_points(nodes, enc.values, enc.value_weights, axis)
     assert points.shape[0] == nodes.shape[0] - 1  # one node lies in the free part
     assert int(index[0 if axis == TAU else -1]) == (0 if axis == TAU else points.shape[0] - 1)
-    boxes, centre, radius, _ = level_bounds(net, enc, box, axis, leaves)
+    boxes, centre, radius, _, _ = level_bounds(net, enc, box, axis, leaves)
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     for i in range(boxes.shape[0]):
         t = torch.linspace(float(boxes[i, 2 * axis]), float(boxes[i, 2 * axis + 1]), 23,
@@ -357,7 +358,8 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
             if cert.stats['level_nodes']:
                 assert cert.stats['subboxes'] <= n
             # No time limit: the local-centroid window is bounded backward (bounds.backward).
-            assert cert.stats['backward'] == (readout == 'local-centroid')
+            assert cert.stats['backward'] == (readout == 'local-centroid'
+                                              and cert.stats['level_nodes'] > 0)
             assert_sound(det, image, box, cert, readout, grid=7)
 
 

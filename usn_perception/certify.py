@@ -207,6 +207,7 @@ class _Evaluator:
         self.net, self.enc, self.method, self.readout = net, enc, method, readout
         # Level plans: the readout window's cells bounded again backward (bounds.backward).
         self.window = BACKWARD_WINDOW.get(readout) if backward else None
+        self.backward_ran = False  # a level plan ran with the window
         # Free sub-boxes (no pixel clipped, bounds.free): ``free(boxes)`` marks them and
         # ``logits()`` gives the nominal heatmaps they are bounded from; ``trace()`` the
         # nominal module outputs, which level nodes start from.
@@ -275,7 +276,7 @@ class _Evaluator:
             return None
         if deadline is not None and time.perf_counter() > deadline:
             raise BudgetExceeded  # the last layer ended late: start no readout bound after it
-        part, c, r, mixed = out
+        part, c, r, mixed, self.backward_ran = out
         self.unstable += mixed
         # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
         r = r + tau_reach(part, free_radius(self.net, self.enc))[:, None]
@@ -606,7 +607,7 @@ def certify_keypoints(
                           free=is_free, logits=logits, trace=trace,
                           backward=budget.max_ms is None if backward is None else backward)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
-             'backward': evaluate.window is not None,
+             'backward': False,
              'precision': precision if evaluate.relu == 'parallel' else 'float64',
              'coordinates': 'thresholds' if thresholds else 'theta',
              'exact_values': exact_values if evaluate.prefix else 0,
@@ -652,7 +653,8 @@ def certify_keypoints(
     if max_width_px is not None:
         too_wide = (cert.widths > max_width_px).any(1)
         status[too_wide] = int(CertStatus.NOT_CERTIFIED)
-    stats.update(subboxes=result.evaluated, leaves=int(result.boxes.shape[0]),
+    stats.update(backward=evaluate.backward_ran,
+                 subboxes=result.evaluated, leaves=int(result.boxes.shape[0]),
                  passes=result.passes, first_pass=result.first_pass, stopped=result.stopped,
                  free_leaves=evaluate.free_leaves,
                  unstable_relus=evaluate.unstable, float32_fallbacks=evaluate.float32_fallbacks,

@@ -79,6 +79,8 @@ class LevelLogits(NamedTuple):
     radius: torch.Tensor
     offset: torch.Tensor
     mixed: int
+    #: Whether the readout window's cells were bounded backward (``window`` asked and able).
+    backward: bool = False
 
 
 def level_axis(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> int | None:
@@ -536,13 +538,15 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     lo, hi = (-r.double(), r.double()) if o is None else (o.double() - r.double(),
                                                           o.double() + r.double())
     lo, hi = lo.flatten(1), hi.flatten(1)
+    backward = False
     if tape is not None and tape.start is not None:
         heatmap = tuple(v0.shape[1:])
         upper = (v0.flatten(1) + d.double().flatten(1).amax(0).clamp(min=0.0)
                  + hi.amax(0).clamp(min=0.0)).view(heatmap)  # every node and row, from above
         cells = window_cells(v0[0], window, upper)
         bands = window_bands(net, tape, heatmap, cells)
-        if bands is not None:
+        backward = bands is not None
+        if backward:
             index, b_lo, b_hi = bands
             b_lo, b_hi = torch.maximum(lo[:, index], b_lo), torch.minimum(hi[:, index], b_hi)
             if bool((b_lo > b_hi).any()):  # two sound bounds of one deviation must meet
@@ -559,7 +563,7 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     centre = centre.index_select(0, pick).view(shape)
     if flip:
         logits, radius, centre = logits.flip(0), radius.flip(0), centre.flip(0)
-    return LevelLogits(logits, radius, centre, unstable)
+    return LevelLogits(logits, radius, centre, unstable, backward)
 
 
 def _rounding_step(op: LinearOp | AffineOp, m: torch.Tensor, unit: float,
@@ -657,7 +661,8 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  precision: str = 'float32', deadline: float | None = None,
                  nominal: list[torch.Tensor] | tuple | None = None,
                  offset: bool = True, window: int | None = None) -> tuple | None:
-    """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count).
+    """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count,
+    whether the window was bounded backward).
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
     present values takes its point's logits, and a segment between two such nodes (constant
@@ -683,7 +688,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                        deadline=deadline, nominal=nominal, offset=offset, window=window)
     if out is None:
         return None
-    logits, radius, centre, mixed = out
+    logits, radius, centre, mixed, backward = out
     seg = index[:-1].clamp(max=radius.shape[0] - 1)  # live segment s is evaluated one index[s]
     before = (index[:-1] - 1).clamp(min=0)
     # A constant segment: its point's error, within the bands of the segments beside it.
@@ -693,4 +698,4 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     per_segment = torch.where(live, radius[seg], flat)
     per_offset = torch.where(live, centre[seg], torch.zeros_like(flat))
     return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves, per_offset),
-            mixed)
+            mixed, backward)
