@@ -661,8 +661,10 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  precision: str = 'float32', deadline: float | None = None,
                  nominal: list[torch.Tensor] | tuple | None = None,
                  offset: bool = True, window: int | None = None) -> tuple | None:
-    """Leaves of ``box`` (4,) from its level nodes: (leaves, centre forms, radii, mixed count,
-    whether the window was bounded backward).
+    """Leaves of ``box`` (4,) from its level nodes, their forms and what bounded them.
+
+    Returns (leaves, centre forms, radii, mixed count, whether the window was bounded
+    backward).
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
     present values takes its point's logits, and a segment between two such nodes (constant
