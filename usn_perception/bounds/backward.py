@@ -243,10 +243,14 @@ def _per_item(t: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, kp).contiguous(memory_format=torch.channels_last)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) → (N, h·w·C): each item's values in channels-last order (a view if CL)."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+
+
 def _memory_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows·C, h, w) → (rows, h·w·C): one keypoint's band crops in channels-last order."""
-    c = t.shape[0] // rows
-    return t.reshape(rows, c, -1).transpose(1, 2).reshape(rows, -1)
+    return _memory_order(t.reshape(rows, -1, *t.shape[1:]))
 
 
 class _Sums:
@@ -268,8 +272,7 @@ class _Sums:
     def add(self, g: torch.Tensor, a: torch.Tensor, mid: torch.Tensor | None,
             rad: torch.Tensor) -> None:
         """Every neuron of the crops against its band: mid, rad (K, R·C or C, h, w)."""
-        gf = g.permute(0, 2, 3, 1).reshape(g.shape[0], -1)  # a view: g is channels-last
-        af = a.permute(0, 2, 3, 1).reshape(a.shape[0], -1)
+        gf, af = _memory_order(g), _memory_order(a)  # views: g, a are channels-last
         rows = rad.shape[1] // g.shape[1]
         for k, (lo, hi) in enumerate(self.ranges):
             rad_k = _memory_rows(rad[k], rows)
@@ -294,10 +297,9 @@ class _Sums:
         if not bool(inside.any()):
             return
         flat = torch.where(inside, (ry * w + rx) * ch + c[None], 0)  # channels-last order
-        gf = g.permute(0, 2, 3, 1).reshape(g.shape[0], -1)
+        gf = _memory_order(g)
         gm = gf.gather(1, flat.index_select(0, self.kp)) * inside.index_select(0, self.kp)
-        af = a.permute(0, 2, 3, 1).reshape(a.shape[0], -1)
-        am = af.gather(1, flat) * inside
+        am = _memory_order(a).gather(1, flat) * inside
         self.spread.add_(gm.abs() @ rad.t())
         size = rad.double()
         if mid is not None:
