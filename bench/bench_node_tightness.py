@@ -9,12 +9,13 @@ attack, :func:`~usn_perception.bounds.attack.empirical_range`). For reference th
 and Θ are also certified at fixed sub-box budgets without a time limit (``--budgets``), and at
 fixed level work (``--works``: the ``Budget.level_work`` units the node sizes its plans in,
 here without a time limit, so the plan each work buys is compared on the same frames
-whatever the machine's speed), and with ``--backward-works`` the same with the readout window
-bounded backward too (:mod:`usn_perception.bounds.backward`). Fixed sub-box budgets have no
-time limit, so they bound the window backward (``certify_keypoints``' default).
+whatever the machine's speed) with the rows' bands only (``backward=False``), and with
+``--backward-works`` the same with the local-centroid window's moments bounded backward
+(:mod:`usn_perception.bounds.backward`, ``certify_keypoints``' default, which the node and
+the fixed sub-box budgets use too).
 
     python bench/bench_node_tightness.py --scenes 0,1 --frames 4 --budgets 4,8,12,16,24 \\
-        --works 16,19,22,25,28,31 --backward-works 13,16,19,22 \\
+        --works 16,19,22,25,28,31 --backward-works 7,10,13,16 \\
         --out bench/results_node_tightness.md
 
 Tightness of a keypoint: half-perimeter of the certified box over that of the empirical one
@@ -114,10 +115,10 @@ def _widths(boxes: np.ndarray) -> np.ndarray:
 
 
 def _plan(stats: dict) -> str:
-    """A level plan in a few characters: leaves, 'o' with offset rows, 'm' merged leaves."""
+    """A level plan in a few characters: radius rows, 'o' with offset rows, 'm' merged rows."""
     if not stats.get('level_work'):
         return f'{stats.get("subboxes", 0)} sub-boxes'
-    return (f'{stats["leaves"]}{"o" if stats.get("offset_rows") else ""}'
+    return (f'{stats.get("rows", stats["leaves"])}{"o" if stats.get("offset_rows") else ""}'
             f'{"m" if stats.get("merged_leaves") else ""} / {stats["level_nodes"]}')
 
 
@@ -158,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f'Model: `{det.source}` ({det!r}); stream: {stream.describe()}; node settings: '
         f'budget_ms {NODE_SETTINGS.budget_ms:g}, shipped defaults otherwise')
     say()
-    head = ('| scene | frame | measured Θ (α; β) | level nodes / leaves | node certify ms | '
+    head = ('| scene | frame | measured Θ (α; β) | level nodes / rows | node certify ms | '
             'predict ms | node tightness | node box px | empirical px |'
             + ''.join(f' {b} sub-boxes | ms |' for b in budgets)
-            + ''.join(f' work {w}{" + backward" if back else ""}: plan | tightness | ms |'
+            + ''.join(f' work {w}{" + moments" if back else ""}: plan | tightness | ms |'
                       for w, back in works))
     say(head)
     say('|' + '---|' * (9 + 2 * len(budgets) + 3 * len(works)))
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f'| {scene} | {i} | [{box.alpha[0]:.3f}, {box.alpha[1]:.3f}]; '
             f'[{box.beta[0]:.3f}, {box.beta[1]:.3f}] | '
             f'{result.certify_stats.get("level_nodes", 0)} / '
-            f'{result.certify_stats.get("leaves", 0)} | '
+            f'{result.certify_stats.get("rows", 0)} | '
             f'{result.timings_ms["certify"]:.1f} | {predict_ms:.1f} | '
             f'**{np.median(node_r):.3g}** | {np.median(_widths(result.boxes).max(1)):.3g} | '
             f'{np.median(emp.max(1)):.3g} |' + ''.join(cells))
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, vals in summary.items():
         label = ('node (time-sized)' if key == 'node' else
                  f'level work {key[1:]}, no time limit' if key.startswith('w') else
-                 f'level work {key[1:]} + backward window, no time limit'
+                 f'level work {key[1:]} + window moments, no time limit'
                  if key.startswith('b') else f'{key} sub-boxes, no time limit')
         say(f'| {label} | **{np.median(vals):.3g}** | {np.median(cost[key]):.0f} |')
     if args.out:

@@ -59,7 +59,7 @@ def benchmarks(data: str | None) -> list[Benchmark]:
                                             '--scenes', '0,1', '--frames', '4', '--budgets',
                                             '4,8,12,16,24', '--works',
                                             '16,19,22,25,28,31', '--backward-works',
-                                            '13,16,19,22', '--out',
+                                            '7,10,13,16', '--out',
                                             'bench/results_node_tightness.md'),
                          'bench/results_node_tightness.md'))
     out.append(Benchmark('level-radius', ('bench_level_radius.py', '--model', default,

@@ -133,18 +133,25 @@ def test_logits_between_nodes_stay_within_the_radius(seed, side, groups, precisi
 @pytest.mark.parametrize('offset', [False, True])
 @pytest.mark.parametrize('groups', [None, 1, 'merged'])
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (2, 'dark'), (3, 'bright')])
-def test_backward_window_bands_hold_and_narrow_the_rows(seed, side, groups, offset):
-    # The window cells bounded again backward (bounds.backward): still sound between the
-    # nodes, never wider than the rows' band, and narrower on average.
+def test_backward_window_moments_hold_and_narrow_the_rows(seed, side, groups, offset):
+    # The window's moments bounded backward (bounds.backward): they hold between the nodes
+    # (checked in _check_radius against the network's own deviations), the cells bounded one
+    # by one stay within the rows' band, and the moments are narrower than what the rows'
+    # bands give the same sums.
     det, image = homogeneous_shallow(seed, 'local-centroid'), one_sided(seed, side)
     rows = _check_radius(det, image, side, groups, 'float32', False, 1, offset=offset,
                          band=True)
-    back = _check_radius(det, image, side, groups, 'float32', False, 1, offset=offset,
-                         window=LOCAL_RADIUS, band=True)
-    narrower = (back[1] - back[0]) <= (rows[1] - rows[0]) * (1 + 1e-9) + 1e-12
-    assert bool(narrower.all())
-    changed = (back[1] - back[0]) < 0.9 * (rows[1] - rows[0])
-    assert int(changed.sum()) > 0
+    moments, lo, hi = _check_radius(det, image, side, groups, 'float32', False, 1,
+                                    offset=offset, window=LOCAL_RADIUS, band='moments')
+    assert bool((hi - lo <= (rows[1] - rows[0]) * (1 + 1e-9) + 1e-12).all())
+    stable, m_lo, m_hi = moments[2:]
+    assert bool(stable.any())
+    width, height = det.config.heatmap_size
+    # The rows' bound of each sum: Σ |w|·(hi − lo) wide.
+    weights = _window_weights(moments, height, width, LOCAL_RADIUS).abs()
+    reach = torch.einsum('skp,kfp->skf', rows[1] - rows[0], weights)
+    assert bool((m_hi - m_lo <= reach * (1 + 1e-6) + 1e-12).all())
+    assert float((m_hi - m_lo).sum()) < 0.9 * float(reach.sum()), (m_hi - m_lo, reach)
 
 
 @pytest.mark.parametrize('precision', ['float32', 'float64'])
@@ -238,10 +245,10 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offs
     group = None if groups is None else radius_groups(
         nodes.shape[0] - 1,
         narrowest_merged(nodes, nodes.shape[0] - 2) if groups == 'merged' else groups)
-    logits, radius, centre, _, backward = level_logits(net, enc, nodes, axis, group=group,
-                                                       precision=precision, nominal=trace,
-                                                       offset=offset, window=window)
-    assert backward == (window is not None and precision == 'float32')
+    logits, radius, centre, _, moments = level_logits(net, enc, nodes, axis, group=group,
+                                                      precision=precision, nominal=trace,
+                                                      offset=offset, window=window)
+    assert (moments is not None) == (window is not None and precision == 'float32')
     lo_v, hi_v = float(enc.values.min()), float(enc.values.max())
     scale = float(logits.abs().max())
     for s in range(nodes.shape[0] - 1):
@@ -253,9 +260,37 @@ def _check_radius(det, image, side, groups, precision, reuse, subdivide, *, offs
         interp = logits[s] + frac * (logits[s + 1] - logits[s])
         gap = (true - interp - centre[s]).abs()
         assert bool((gap <= radius[s] + 1e-12 * scale).all()), float((gap - radius[s]).max())
+        if moments is not None:
+            sums = _window_sums(moments, true - interp, det.config.heatmap_size[0], window)
+            slack = 1e-12 * scale
+            assert bool((sums >= moments[3][s] - slack).all()), (sums, moments[3][s])
+            assert bool((sums <= moments[4][s] + slack).all()), (sums, moments[4][s])
     if groups is None:  # per-segment radii: tight where the network is nearly linear
         assert float((radius + centre.abs()).max()) < 0.05 * scale
+    if band == 'moments':
+        return moments, centre - radius, centre + radius
     return (centre - radius, centre + radius) if band else radius
+
+
+def _window_weights(moments, height, width, window):
+    """(K, 3, H·W) the moments' weights: 1, Δu − a_u, Δv − a_v on each stable cell."""
+    peak, anchor, stable = moments[:3]
+    side = 2 * window + 1
+    out = torch.zeros(peak.shape[0], 3, height * width, dtype=F64)
+    for k in range(peak.shape[0]):
+        pv, pu = divmod(int(peak[k]), width)
+        for j in torch.nonzero(stable[k])[:, 0].tolist():
+            dv, du = j // side - window, j % side - window
+            at = (pv + dv) * width + pu + du
+            out[k, :, at] = torch.tensor([1.0, du - float(anchor[k, 0]),
+                                          dv - float(anchor[k, 1])], dtype=F64)
+    return out
+
+
+def _window_sums(moments, deviation, width, window):
+    """(T, K, 3) Σ δ, Σ (Δu − a_u)·δ, Σ (Δv − a_v)·δ over each keypoint's stable cells."""
+    weights = _window_weights(moments, deviation.shape[-1] // width, width, window)
+    return torch.einsum('tkp,kfp->tkf', deviation, weights)
 
 
 @pytest.mark.skipif(not DEFAULT.exists(), reason='shipped model not present')
@@ -270,9 +305,9 @@ def test_shipped_model_logits_stay_within_the_radius():
     box = _rest(enc, NODE_BOX)
     axis = level_axis(box, enc.values, enc.value_weights)
     nodes = level_nodes(box, enc.values, enc.value_weights, axis)
-    logits, radius, centre, _, backward = level_logits(
+    logits, radius, centre, _, moments = level_logits(
         net, enc, nodes, axis, group=radius_groups(nodes.shape[0] - 1, 3), window=LOCAL_RADIUS)
-    assert backward
+    assert moments is not None
     other = float(enc.values.min() if axis == KAPPA else enc.values.max())
     for s in range(0, nodes.shape[0] - 1, 3):
         t = torch.linspace(float(nodes[s]), float(nodes[s + 1]), 5, dtype=F64)
@@ -281,6 +316,27 @@ def test_shipped_model_logits_stay_within_the_radius():
         frac = ((t - nodes[s]) / (nodes[s + 1] - nodes[s])).view(-1, 1, 1)
         interp = logits[s] + frac * (logits[s + 1] - logits[s])
         assert bool(((true - interp - centre[s]).abs() <= radius[s] + 1e-12).all())
+        sums = _window_sums(moments, true - interp, det.config.heatmap_size[0], LOCAL_RADIUS)
+        assert bool(((sums >= moments[3][s] - 1e-12) & (sums <= moments[4][s] + 1e-12)).all())
+
+
+def test_segment_leaves_take_the_same_arithmetic_as_merged_ones():
+    # One leaf per segment is computed for all segments at once (levels._segment_forms); a
+    # group map that joins none of them goes through the same steps one leaf at a time.
+    gen = torch.Generator().manual_seed(0)
+    nodes = torch.tensor([0.0, 0.01, 0.013, 0.05, 0.05, 0.2], dtype=F64)  # one empty segment
+    logits = torch.randn(6, 2, 7, generator=gen, dtype=F64)
+    radius = torch.rand(5, 2, 7, generator=gen, dtype=F64) * 1e-3
+    offset = torch.randn(5, 2, 7, generator=gen, dtype=F64) * 1e-3
+    box = torch.tensor([0.0, 0.2, 0.9, 1.0], dtype=F64)
+    import usn_perception.bounds.levels as levels_module
+
+    for off in (None, offset):
+        fast = leaf_forms(box, nodes, TAU, logits, radius, None, off)
+        loop = levels_module._merged_forms(box, nodes, TAU, logits, radius, torch.arange(5),
+                                           off)
+        for a, b in zip(fast, loop, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize('leaves', [None, 1, 3])
@@ -369,8 +425,8 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
     det = homogeneous_shallow(seed, readout)
     image = one_sided(seed, side)
     natural = certify_keypoints(det, image, NODE_BOX, budget=Budget(1, max_ms=1e6))
-    g, segments = natural.stats['level_nodes'], natural.stats['leaves']
-    assert g > 0 and segments == 1  # one sub-box: one leaf over the natural nodes
+    g, segments = natural.stats['level_nodes'], natural.stats['rows']
+    assert g > 0 and segments == 1  # one sub-box: one row over the natural nodes
     last, plans = None, []
     # (the natural segments here are as many as the nodes: g)
     assert g > OFFSET_MIN_LEAVES + 1
@@ -383,11 +439,11 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         st = cert.stats
         assert st['level_nodes'] >= g and st['budget']['level_work'] == work
         per_leaf = OFFSET_LEAF_WORK if st['offset_rows'] else LEAF_WORK
-        assert st['level_work'] == st['level_nodes'] + per_leaf * st['leaves']
+        assert st['level_work'] == st['level_nodes'] + per_leaf * st['rows']
         # at least one leaf, else within the work
         assert st['level_work'] <= max(work, g + LEAF_WORK)
         assert st['offset_rows'] or not st['merged_leaves']
-        plan = (st['offset_rows'], st['leaves'], st['level_nodes'], st['merged_leaves'])
+        plan = (st['offset_rows'], st['rows'], st['level_nodes'], st['merged_leaves'])
         if work < few:  # radius rows only below OFFSET_MIN_LEAVES leaves with offset rows
             assert not plan[0]
         elif work == few:
@@ -397,12 +453,16 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         last = plan
         plans.append(plan)
         assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
-        assert not st['backward']  # a time limit: the window stays off unless asked for
-        if readout == 'local-centroid':  # asked for: every plan kind, sound
-            back = certify_keypoints(det, image, NODE_BOX, backward=True,
+        # The local-centroid window's moments bounded backward, under a time limit too; a
+        # readout leaf per segment then (the rows stay the plan's).
+        assert st['backward'] == (readout == 'local-centroid')
+        assert st['leaves'] >= g - 1 if st['backward'] else st['leaves'] == st['rows']
+        if readout == 'local-centroid':  # turned off: every plan kind, sound
+            rows = certify_keypoints(det, image, NODE_BOX, backward=False,
                                      budget=Budget(1, max_ms=1e6, level_work=work))
-            assert back.stats['backward'] and back.stats['level_work'] == st['level_work']
-            assert_sound(det, image, NODE_BOX, back, readout, grid=7)
+            assert not rows.stats['backward'] and rows.stats['level_work'] == st['level_work']
+            assert rows.stats['leaves'] == st['rows']
+            assert_sound(det, image, NODE_BOX, rows, readout, grid=7)
     assert last[2] > g and last[0]  # the most work cuts the segments into parts ...
     assert last[1] >= 2 and not last[3]  # ... each natural segment keeping a leaf of its own
     for offset, leaves, nodes, merged in plans:  # offset rows on merged leaves (the

@@ -147,7 +147,7 @@ def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     assert pipe.level_work_for_next_frame(None) is None  # nothing measured yet
     first = pipe.process(frame, 0.0).certify_stats
     g = first['level_nodes']
-    assert g > 0 and first['leaves'] == 1 and first['budget']['level_work'] is None
+    assert g > 0 and first['rows'] == 1 and first['budget']['level_work'] is None
     assert pipe.ms_per_level_work == pytest.approx(first['ms'] / first['level_work'])
     assert pipe.ms_per_subbox is None  # a level certificate says nothing of a sub-box's cost
     pipe.ms_per_level_work = 10.0
@@ -157,7 +157,7 @@ def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     # one network image per node, two leaves, in the share of the 1e4-ms budget
     pipe.ms_per_level_work = LEVEL_DEADLINE_SHARE * 1e4 / (g + 2 * LEAF_WORK + 0.5)
     two = pipe.process(frame, 1 / 30).certify_stats
-    assert two['budget']['level_work'] == g + 2 * LEAF_WORK and two['leaves'] == 2
+    assert two['budget']['level_work'] == g + 2 * LEAF_WORK and two['rows'] == 2
     assert two['level_work'] == g + 2 * LEAF_WORK
     # A plan the deadline cut was too big: the cost per unit backs off (a cut certificate
     # is not learned from, so without it every frame would be planned the same and cut).
@@ -179,7 +179,7 @@ def test_time_limit_sizes_level_plans_by_their_work(monkeypatch):
     replay = FramePipeline(det, PipelineSettings(max_subboxes=1, interval=fixed))
     replay.ms_per_level_work = 1e-3  # ignored without a time limit: replays stay deterministic
     assert replay.level_work_for_next_frame(None) is None
-    assert replay.process(frame, 0.0).certify_stats['leaves'] == 1
+    assert replay.process(frame, 0.0).certify_stats['rows'] == 1
 
 
 def test_time_limit_also_fits_the_camera_frame_period(detector: Detector):

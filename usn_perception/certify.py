@@ -131,8 +131,8 @@ def levels_possible(budget: Budget, level_nodes: int) -> bool:
 READOUT_BOUNDS = {'centroid': centroid_bounds, 'local-centroid': local_centroid_bounds,
                   'soft-argmax': soft_argmax_bounds, 'argmax': argmax_bounds}
 
-#: Per readout, the cells around each keypoint's reference argmax that level plans bound again
-#: backward (bounds.backward): the local-centroid window (its cells that may be positive).
+#: Per readout, the window around each keypoint's reference argmax whose moments level plans
+#: bound backward (bounds.backward, bounds.spec.WindowMoments): the local centroid's.
 #: Readouts that read the whole heatmap keep the rows' bands.
 BACKWARD_WINDOW = {'local-centroid': LOCAL_RADIUS}
 
@@ -271,16 +271,22 @@ class _Evaluator:
                            plan.groups(), nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
                            deadline=deadline, nominal=self.trace() if reuse else None,
-                           offset=plan.offset, window=self.window)
+                           offset=plan.offset, window=self.window,
+                           heatmap_hw=self.heatmap_hw)
         if out is None:
             return None
         if deadline is not None and time.perf_counter() > deadline:
             raise BudgetExceeded  # the last layer ended late: start no readout bound after it
-        part, c, r, mixed, self.backward_ran = out
+        part, c, r, mixed, moments = out
         self.unstable += mixed
+        self.backward_ran = moments is not None
         # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
-        r = r + tau_reach(part, free_radius(self.net, self.enc))[:, None]
-        return part, READOUT_BOUNDS[self.readout](c, r, part, self.grid)
+        reach = tau_reach(part, free_radius(self.net, self.enc))[:, None]
+        if moments is None:
+            return part, READOUT_BOUNDS[self.readout](c, r + reach, part, self.grid)
+        # (the moments' forms are on the window cells only: the heatmap's largest reach)
+        moments = moments._replace(radius=moments.radius + reach.amax(-1, keepdim=True))
+        return part, local_centroid_bounds(c, r + reach, part, self.grid, moments=moments)
 
     def _propagate(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
         """Output forms (C (n, 3, K, P), R (n, kr, K, P)) of the network on sub-boxes ``part``."""
@@ -502,11 +508,11 @@ def certify_keypoints(
     the budget, and the budget is at most :data:`LEVEL_MAX_SUBBOXES`;
     ``budget.max_subboxes`` is then the number of leaves (radius rows and readout bounds),
     or ``budget.level_work`` sizes them (:class:`~usn_perception.bounds.box.Budget`).
-    0 turns it off. ``backward``: level plans bound the cells of each keypoint's readout
-    window again by back-substitution (:mod:`usn_perception.bounds.backward`; the
-    local-centroid readout); None (default) does so where the budget has no wall-clock limit
-    (measured: 1.89 -> 1.25 median tightness on the node's frames at level work 22, at ~1.2x
-    the time; under a time limit the same time buys about as much as more level work).
+    0 turns it off. ``backward``: level plans bound each keypoint's local-centroid window
+    moments by back-substitution (:mod:`usn_perception.bounds.backward`,
+    :class:`~usn_perception.bounds.spec.WindowMoments`) and give every clip segment a readout
+    leaf of its own; None (default) and True do so, False keeps the rows' bands (measured on
+    the node's frames: 3.64 -> 1.26 median tightness at level work 13, 1.67 at work 7).
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
     with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes
@@ -605,7 +611,7 @@ def certify_keypoints(
                           generators=0 if thresholds else generators, thresholds=thresholds,
                           exact_values=exact_values, float32=precision == 'float32',
                           free=is_free, logits=logits, trace=trace,
-                          backward=budget.max_ms is None if backward is None else backward)
+                          backward=True if backward is None else backward)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
              'backward': False,
              'precision': precision if evaluate.relu == 'parallel' else 'float64',
@@ -629,12 +635,13 @@ def certify_keypoints(
         plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
     stats['level_nodes'] = 0 if plan is None else plan.points
     stats['level_work'] = 0 if plan is None else plan.work
+    stats['rows'] = 0 if plan is None else plan.leaves  # radius rows (leaves: readout bounds)
     stats['offset_rows'] = plan is not None and plan.offset
     stats['merged_leaves'] = plan is not None and plan.merged
     try:
         result = None if plan is None else _bound_levels(evaluate, plan, deadline)
         if result is None:
-            stats['level_nodes'] = stats['level_work'] = 0
+            stats['level_nodes'] = stats['level_work'] = stats['rows'] = 0
             stats['offset_rows'] = stats['merged_leaves'] = False
             result = refine(evaluate, root.to(enc.device), budget, deadline=deadline, **how)
     except BudgetExceeded:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from usn_perception.allocator import keep_freed_memory
 from usn_perception.bounds.rounding import PRECISIONS, resolve_precision
 from usn_perception.certify import (
     EXACT_VALUES,
@@ -164,6 +165,9 @@ class FramePipeline:
 
     def __init__(self, detector, settings: PipelineSettings | None = None) -> None:
         """Wrap a loaded :class:`~usn_perception.detector.Detector`."""
+        # Certificates allocate the same tensors frame after frame (per-leaf heatmap forms):
+        # keep freed blocks instead of faulting them in again (measured ~9 ms a node frame).
+        keep_freed_memory()
         self.detector = detector
         self._settings = settings or PipelineSettings()
         self.interval = IntervalEstimator(self._settings.interval)

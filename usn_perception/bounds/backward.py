@@ -18,9 +18,11 @@ float32 rounding at each linear layer (≤ γ_(n+1)·|W|·max_j|D_j|, as the lev
 it). Each term is bounded by its signed coefficients: Σ max(λ, 0)·hi + min(λ, 0)·lo. The
 bound holds wherever the level pass's bands hold, whatever the masks of other rows.
 
-Cost: the cotangents of all window cells run as one batch on crops (a cell's cone covers a
-small part of each layer): the crops of every keypoint have one size, their origins aligned
-so that strided and transposed layers map them alike.
+Cost: the cotangents run as one batch on crops (a window's cone covers a small part of each
+layer): the crops of every keypoint have one size, their origins aligned so that strided and
+transposed layers map them alike. A readout that needs only weighted sums of its cells (the
+local centroid's moments, :func:`window_functionals`) takes one cotangent per sum, not per
+cell, and the sum keeps the signs with which neighbouring cells' deviations cancel.
 
 Floating point: the cotangents run in float32. Each adjoint step rounds within
 γ_(n+1)·|Wᵀ|·|g|, so the computed cotangent differs from the exact one by at most
@@ -181,6 +183,29 @@ def window_bands(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, i
     lo and hi are float64 and hold for every θ of the row's segments. None when an op on the
     way is unsupported or the crops cannot be aligned.
     """
+    k_kp, height, width = heatmap
+    weights = [torch.eye(len(c)) for c in cells]
+    out = window_functionals(net, tape, heatmap, cells, weights)
+    if out is None:
+        return None
+    index = torch.tensor([k * height * width + v * width + u
+                          for k, c in enumerate(cells) for v, u in c], dtype=torch.long)
+    return index, *out
+
+
+def window_functionals(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, int, int],
+                       cells: list[list[tuple[int, int]]],
+                       weights: list[torch.Tensor]) -> tuple | None:
+    """Bounds of linear functionals of the logits' deviation at each keypoint's ``cells``.
+
+    ``weights[k]`` (F_k, n_k) weighs keypoint k's cells; item f of keypoint k is
+    Σ_i weights[k][f, i]·δ(cells[k][i]) with δ the logits' deviation from the nodes'
+    interpolant. Returns float64 (lo, hi), each (R, ΣF_k), items keypoint by keypoint, that
+    hold for every θ of the row's segments; None when an op on the way is unsupported or the
+    crops cannot be aligned. One cotangent per item: a readout that needs only a few sums of
+    its window cells (the local centroid's moments) pays for those, not for every cell, and
+    the signs of the cells' errors cancel in the sum as they do in the network.
+    """
     start = start_index(net)
     adjoints = _adjoints(net, start)
     if adjoints is None or tape.start is None or not all(cells):
@@ -190,7 +215,7 @@ def window_bands(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, i
     align = _alignment(adjoints)
     if align is None:
         return None
-    k_kp, height, width = heatmap
+    k_kp = heatmap[0]
     # Crop at the heatmap: aligned origins, a size that holds every keypoint's cells.
     spans = [(min(v for v, _ in c), max(v for v, _ in c), min(u for _, u in c),
               max(u for _, u in c)) for c in cells]
@@ -198,20 +223,26 @@ def window_bands(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, i
     size_x = max(s[3] - s[2] for s in spans) + align
     oy = [align * (s[0] // align) for s in spans]
     ox = [align * (s[2] // align) for s in spans]
-    # One-hot cotangents (B, K, size_y, size_x), channels-last, one item per cell, keypoint
-    # by keypoint.
-    kp = torch.tensor([k for k, c in enumerate(cells) for _ in c])
-    cy = [v - oy[k] for k, c in enumerate(cells) for v, _ in c]
-    cx = [u - ox[k] for k, c in enumerate(cells) for _, u in c]
-    index = torch.tensor([k * height * width + v * width + u
-                          for k, c in enumerate(cells) for v, u in c], dtype=torch.long)
+    # Cotangents (B, K, size_y, size_x), channels-last, one item per functional, keypoint by
+    # keypoint; the float32 weights are taken as given (small integers here: exact).
+    counts = [int(w.shape[0]) for w in weights]
+    kp = torch.repeat_interleave(torch.arange(k_kp), torch.tensor(counts))
     g = torch.zeros(kp.shape[0], size_y, size_x, k_kp, dtype=torch.float32)
-    g[torch.arange(kp.shape[0]), cy, cx, kp] = 1.0
+    first = 0
+    for k, (c, w) in enumerate(zip(cells, weights, strict=True)):
+        cy = torch.tensor([v - oy[k] for v, _ in c])
+        cx = torch.tensor([u - ox[k] for _, u in c])
+        g[first:first + counts[k], cy, cx, k] = w.float()
+        first += counts[k]
     g = g.permute(0, 3, 1, 2)  # channels-last (N, C, H, W) view
-    # The |W|-chain of each keypoint's cells together bounds every cell's cotangent error.
-    a = torch.zeros(k_kp, k_kp, size_y, size_x).index_add_(0, kp, g).contiguous(
-        memory_format=torch.channels_last)
-    acc = _Sums([len(c) for c in cells], tape.start[1].shape[0], kp)
+    # The |W|-chain of each keypoint's cells together bounds every item's cotangent error,
+    # scaled by the item's largest weight.
+    ones = torch.zeros(k_kp, size_y, size_x, k_kp)
+    for k, c in enumerate(cells):
+        ones[k, [v - oy[k] for v, _ in c], [u - ox[k] for _, u in c], k] = 1.0
+    a = ones.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    scale = torch.cat([w.abs().amax(1) if w.numel() else w.new_zeros(0) for w in weights])
+    acc = _Sums(counts, tape.start[1].shape[0], kp, scale.double())
     kappa = 0.0
     for step, adj in zip(reversed(tape.steps), reversed(adjoints), strict=True):
         h, w = g.shape[-2:]
@@ -232,8 +263,7 @@ def window_bands(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, i
     h, w = g.shape[-2:]
     mid, rad = tape.start
     acc.add(g, a, None if mid is None else _crops(mid, oy, ox, h, w), _crops(rad, oy, ox, h, w))
-    lo, hi = acc.result(kappa)
-    return index, lo, hi
+    return acc.result(kappa)
 
 
 def _per_item(t: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
@@ -260,8 +290,9 @@ class _Sums:
     Σ g·x over it is Σ g·mid ± Σ |g|·rad.
     """
 
-    def __init__(self, counts: list[int], rows: int, kp: torch.Tensor) -> None:
-        self.rows, self.kp = rows, kp
+    def __init__(self, counts: list[int], rows: int, kp: torch.Tensor,
+                 scale: torch.Tensor) -> None:
+        self.rows, self.kp, self.scale = rows, kp, scale  # scale: each item's largest |weight|
         ends = torch.tensor(counts).cumsum(0).tolist()
         self.ranges = list(zip([0, *ends[:-1]], ends, strict=True))
         self.centre = torch.zeros(kp.shape[0], rows, dtype=torch.float32)
@@ -314,7 +345,8 @@ class _Sums:
         # float32 sums within γ_(n+1) of their magnitudes, plus a few additions per term.
         coef = (kappa * (1.0 + 2.0 * kappa) + (gamma(self.terms + 1, U32) + 64.0 * U32)
                 * (1.0 + kappa) * (1.0 + 2.0 * kappa))
-        err = self.mag.index_select(0, self.kp) * (coef * (1.0 + 1e-6)) + TINY  # (B, R)
+        err = (self.mag.index_select(0, self.kp) * self.scale[:, None]
+               * (coef * (1.0 + 1e-6)) + TINY)  # (B, R)
         centre, spread = self.centre.double(), self.spread.double() + err
         return (centre - spread).t(), (centre + spread).t()
 

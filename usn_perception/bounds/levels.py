@@ -61,12 +61,19 @@ from typing import NamedTuple
 
 import torch
 
-from usn_perception.bounds.backward import BackwardTape, start_index, window_bands, window_cells
+from usn_perception.bounds.backward import (
+    BackwardTape,
+    start_index,
+    window_cells,
+    window_functionals,
+)
 from usn_perception.bounds.fused import FusedPrefix, fused_prefix
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
 from usn_perception.bounds.rounding import TINY, U32, U64, all_finite, gamma
+from usn_perception.bounds.spec import WindowMoments
 from usn_perception.bounds.thresholds import present_range
+from usn_perception.readout import local_centroid
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
 TAU, KAPPA = 0, 1
@@ -79,8 +86,10 @@ class LevelLogits(NamedTuple):
     radius: torch.Tensor
     offset: torch.Tensor
     mixed: int
-    #: Whether the readout window's cells were bounded backward (``window`` asked and able).
-    backward: bool = False
+    #: The readout window's moments bounded backward (``window`` asked and able): (peak (K,),
+    #: anchor (K, 2), stable (K, m), lo, hi (G' − 1, K, 3)) per segment, see
+    #: :class:`.spec.WindowMoments`.
+    moments: tuple | None = None
 
 
 def level_axis(box: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> int | None:
@@ -446,9 +455,10 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     per layer). Returns :class:`LevelLogits`: (G', K, P) float64 logits, and per segment
     (G' − 1, K, P) float64 an offset and a radius (the logits between the segment's nodes lie
     within interpolant + offset ± radius), and the count of mixed neurons; or None when a
-    deviation overflowed (the caller bounds the sub-box another way). ``window``: the cells
-    within this many of each keypoint's reference argmax are bounded again by
-    :mod:`.backward` (float32 only), the rest by the rows. ``precision``: the deviations'
+    deviation overflowed (the caller bounds the sub-box another way). ``window``: the
+    moments of the cells within this many of each keypoint's reference argmax are bounded
+    by :mod:`.backward` (float32 only; ``LevelLogits.moments``, :func:`_window_moments`), the
+    rest by the rows. ``precision``: the deviations'
     dtype ('float32' needs :func:`~usn_perception.bounds.rounding.float32_problem` to have
     found nothing). ``offset``: every row also carries an offset row from the first ReLU on
     (:func:`_relu`), one more image per row in the layers after it, kept to the end:
@@ -538,21 +548,13 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     lo, hi = (-r.double(), r.double()) if o is None else (o.double() - r.double(),
                                                           o.double() + r.double())
     lo, hi = lo.flatten(1), hi.flatten(1)
-    backward = False
+    moments = None
     if tape is not None and tape.start is not None:
-        heatmap = tuple(v0.shape[1:])
-        upper = (v0.flatten(1) + d.double().flatten(1).amax(0).clamp(min=0.0)
-                 + hi.amax(0).clamp(min=0.0)).view(heatmap)  # every node and row, from above
-        cells = window_cells(v0[0], window, upper)
-        bands = window_bands(net, tape, heatmap, cells)
-        backward = bands is not None
-        if backward:
-            index, b_lo, b_hi = bands
-            b_lo, b_hi = torch.maximum(lo[:, index], b_lo), torch.minimum(hi[:, index], b_hi)
-            if bool((b_lo > b_hi).any()):  # two sound bounds of one deviation must meet
-                raise RuntimeError('internal soundness check failed: a backward window band '
-                                   'misses the rows\' band')
-            lo[:, index], hi[:, index] = b_lo, b_hi
+        nodal = d.double().flatten(1)
+        upper = (v0.flatten(1) + nodal.amax(0).clamp(min=0.0) + hi.amax(0).clamp(min=0.0))
+        lower = (v0.flatten(1) + nodal.amin(0).clamp(max=0.0) + lo.amin(0).clamp(max=0.0))
+        moments = _window_moments(net, tape, v0[0], window, upper.view(v0.shape[1:]),
+                                  lower.view(v0.shape[1:]), lo, hi)
     centre = (hi + lo) * 0.5
     radius = ((hi - lo) * 0.5 + (hi.abs() + lo.abs()) * (4.0 * U64)) * (1.0 + 4.0 * U64) + TINY
     v0 = v0.flatten(2)
@@ -563,7 +565,91 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     centre = centre.index_select(0, pick).view(shape)
     if flip:
         logits, radius, centre = logits.flip(0), radius.flip(0), centre.flip(0)
-    return LevelLogits(logits, radius, centre, unstable, backward)
+    if moments is not None:
+        peak, anchor, stable, m_lo, m_hi = moments
+        m_lo, m_hi = m_lo.index_select(0, pick), m_hi.index_select(0, pick)
+        if flip:
+            m_lo, m_hi = m_lo.flip(0), m_hi.flip(0)
+        moments = (peak, anchor, stable, m_lo, m_hi)
+    return LevelLogits(logits, radius, centre, unstable, moments)
+
+
+def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.Tensor,
+                    window: int, upper: torch.Tensor, lower: torch.Tensor, lo: torch.Tensor,
+                    hi: torch.Tensor) -> tuple | None:
+    """Per row, the local-centroid window's moments of the deviation, bounded backward.
+
+    ``reference`` (K, H, W) the reference node's logits, ``upper``/``lower`` (K, H, W) bounds
+    of every cell over all nodes and rows, ``lo``/``hi`` (R, K·H·W) the rows' bands. The
+    window's cells that are positive throughout (``lower`` > 0) give the three moments
+    Σ δ, Σ Δu·δ, Σ Δv·δ (Δ from the reference argmax; :class:`.spec.WindowMoments`); the
+    others that may be positive are bounded one by one, and their rows' band narrowed to it
+    in place. Returns (peak (K,), anchor (K, 2), stable (K, m), lo, hi (R, K, 3)), or None
+    where the backward bound cannot run.
+    """
+    k_kp, height, width = reference.shape
+    side = 2 * window + 1
+    peak = reference.reshape(k_kp, -1).argmax(1)
+    # The moments' anchor: the reference's own centroid offset, on a grid of 1/64 so that
+    # the weights Δ − anchor are exact in float32.
+    centroid = local_centroid(reference[None], window)[0]  # (K, 2) (u, v)
+    anchor = torch.stack([peak % width, peak // width], 1).to(centroid.dtype)
+    anchor = torch.round((centroid - anchor) * 64.0) / 64.0
+    stable = torch.zeros(k_kp, side * side, dtype=torch.bool)
+    cells, weights, singles = [], [], []
+    listed = window_cells(reference, window, upper)
+    where = torch.tensor([k * height * width + v * width + u
+                          for k, window_k in enumerate(listed) for v, u in window_k])
+    flags = iter((lower.flatten()[where] > 0).tolist())
+    for k, window_k in enumerate(listed):
+        pv, pu = divmod(int(peak[k]), width)
+        positive = [next(flags) for _ in window_k]
+        pos = [c for c, keep in zip(window_k, positive, strict=True) if keep]
+        mix = [c for c, keep in zip(window_k, positive, strict=True) if not keep]
+        w = torch.zeros(3 + len(mix), len(pos) + len(mix))
+        w[0, :len(pos)] = 1.0
+        w[1, :len(pos)] = torch.tensor([u - pu - float(anchor[k, 0]) for _, u in pos])
+        w[2, :len(pos)] = torch.tensor([v - pv - float(anchor[k, 1]) for v, _ in pos])
+        w[3:, len(pos):] = torch.eye(len(mix))
+        for v, u in pos:
+            stable[k, (v - pv + window) * side + (u - pu + window)] = True
+        cells.append(pos + mix)
+        weights.append(w)
+        singles.append([k * height * width + v * width + u for v, u in mix])
+    out = window_functionals(net, tape, (k_kp, height, width), cells, weights)
+    if out is None:
+        return None
+    f_lo, f_hi = out  # (R, Σ items): per keypoint its three moments, then its mixed cells
+    first = torch.tensor([0, *[w.shape[0] for w in weights]]).cumsum(0)
+    sums = (first[:-1, None] + torch.arange(3)).reshape(-1)
+    index = torch.tensor([i for s in singles for i in s], dtype=torch.long)
+    if index.numel():
+        items = torch.cat([torch.arange(3, w.shape[0]) + first[k]
+                           for k, w in enumerate(weights)])
+        b_lo = torch.maximum(lo[:, index], f_lo[:, items])
+        b_hi = torch.minimum(hi[:, index], f_hi[:, items])
+        if bool((b_lo > b_hi).any()):  # two sound bounds of one deviation must meet
+            raise RuntimeError('internal soundness check failed: a backward window band '
+                               'misses the rows\' band')
+        lo[:, index], hi[:, index] = b_lo, b_hi
+    rows = f_lo.shape[0]
+    m_lo, m_hi = f_lo[:, sums].view(rows, k_kp, 3), f_hi[:, sums].view(rows, k_kp, 3)
+    # The rows' bands bound the same sums (Σ of each term's extreme): never wider than that.
+    for k, (w, window_k) in enumerate(zip(weights, cells, strict=True)):
+        n = int((w[0] != 0).sum())  # the stable cells come first
+        if n == 0:
+            continue
+        at = torch.tensor([k * height * width + v * width + u for v, u in window_k[:n]])
+        coef = w[:3, :n].double()[None]  # (1, 3, n)
+        ends = (coef * lo[:, None, at], coef * hi[:, None, at])
+        slack = (ends[0].abs() + ends[1].abs()).sum(-1) * ((n + 2) * U64)
+        r_lo = torch.minimum(*ends).sum(-1) - slack
+        r_hi = torch.maximum(*ends).sum(-1) + slack
+        m_lo[:, k], m_hi[:, k] = torch.maximum(m_lo[:, k], r_lo), torch.minimum(m_hi[:, k], r_hi)
+    if bool((m_lo > m_hi).any()):  # two sound bounds of one sum must meet
+        raise RuntimeError('internal soundness check failed: backward window moments miss '
+                           'the rows\' bands')
+    return peak, anchor, stable, m_lo, m_hi
 
 
 def _rounding_step(op: LinearOp | AffineOp, m: torch.Tensor, unit: float,
@@ -617,6 +703,15 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
     active threshold, and radii (L, 1, K, P).
     """
     group = radius_groups(nodes.shape[0] - 1, leaves)
+    if int(group[-1]) + 1 == nodes.shape[0] - 1:
+        return _segment_forms(box, nodes, axis, logits, radius, offset)
+    return _merged_forms(box, nodes, axis, logits, radius, group, offset)
+
+
+def _merged_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.Tensor,
+                  radius: torch.Tensor, group: torch.Tensor,
+                  offset: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """:func:`leaf_forms` for a group map, one leaf at a time."""
     n_leaf = int(group[-1]) + 1
     # Each leaf's first segment and one past its last (groups are contiguous).
     cuts = torch.searchsorted(group, torch.arange(n_leaf + 1)).tolist()
@@ -655,16 +750,49 @@ def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.
     return out, centre, rad[:, None]
 
 
+def _segment_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.Tensor,
+                   radius: torch.Tensor,
+                   offset: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """:func:`leaf_forms` where every segment is its own leaf: all segments at once.
+
+    The same arithmetic as :func:`_merged_forms` (a chord has no inner nodes).
+    """
+    out = box.reshape(1, 4).repeat(nodes.shape[0] - 1, 1)
+    out[:, 2 * axis] = nodes[:-1]
+    out[:, 2 * axis + 1] = nodes[1:]
+    view = (-1, *([1] * (logits.ndim - 1)))
+    lo, hi = nodes[:-1].view(view), nodes[1:].view(view)
+    a, b = logits[:-1], logits[1:]
+    slope = torch.where(hi > lo, (b - a) / torch.where(hi > lo, hi - lo, 1.0), 0.0)
+    c0 = a - slope * lo
+    if offset is None:
+        band_hi = radius
+        band_lo = -band_hi
+    else:
+        band_hi, band_lo = offset + radius, offset - radius
+    centre = logits.new_zeros((a.shape[0], 3, *logits.shape[1:]))
+    centre[:, 0] = c0 + 0.5 * (band_hi + band_lo)
+    centre[:, 1 + axis] = slope
+    reach = torch.maximum(lo.abs(), hi.abs())
+    slop = (a.abs() + b.abs() + c0.abs() + slope.abs() * reach
+            + band_hi.abs() + band_lo.abs()) * (32.0 * U64)
+    rad = (0.5 * (band_hi - band_lo)) * (1.0 + 16.0 * U64) + slop + 1e-300
+    return out, centre, rad[:, None]
+
+
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  leaves: int | torch.Tensor | None = None, *,
                  nodes: torch.Tensor | None = None,
                  precision: str = 'float32', deadline: float | None = None,
                  nominal: list[torch.Tensor] | tuple | None = None,
-                 offset: bool = True, window: int | None = None) -> tuple | None:
+                 offset: bool = True, window: int | None = None,
+                 heatmap_hw: tuple[int, int] | None = None) -> tuple | None:
     """Leaves of ``box`` (4,) from its level nodes, their forms and what bounded them.
 
-    Returns (leaves, centre forms, radii, mixed count, whether the window was bounded
-    backward).
+    Returns (leaves, centre forms, radii, mixed count, the window's
+    :class:`~.spec.WindowMoments` or None). With the moments every segment is its own leaf:
+    the interpolant is exact on it, and the rows' bands, which make merged leaves no worse,
+    no longer bound the window.
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
     present values takes its point's logits, and a segment between two such nodes (constant
@@ -673,7 +801,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     None when :func:`level_logits` is. ``leaves`` as in :func:`leaf_forms`; ``nodes``:
     :func:`level_nodes` of the box, when the caller has them; ``nominal``: the image's module
     outputs, ``offset`` the offset rows and ``window`` the backward-bounded cells (see
-    :func:`level_logits`).
+    :func:`level_logits`; ``heatmap_hw`` the heatmap's (H, W), needed with it).
     """
     values, weights = enc.values, enc.value_weights
     if nodes is None:
@@ -690,7 +818,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                        deadline=deadline, nominal=nominal, offset=offset, window=window)
     if out is None:
         return None
-    logits, radius, centre, mixed, backward = out
+    logits, radius, centre, mixed, moments = out
     seg = index[:-1].clamp(max=radius.shape[0] - 1)  # live segment s is evaluated one index[s]
     before = (index[:-1] - 1).clamp(min=0)
     # A constant segment: its point's error, within the bands of the segments beside it.
@@ -699,5 +827,22 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     live = live.view(-1, 1, 1)
     per_segment = torch.where(live, radius[seg], flat)
     per_offset = torch.where(live, centre[seg], torch.zeros_like(flat))
-    return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves, per_offset),
-            mixed, backward)
+    if moments is None:
+        return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves, per_offset),
+                mixed, None)
+    peak, anchor, stable, m_lo, m_hi = moments
+    m_lo = torch.where(live, m_lo[seg], torch.minimum(m_lo[before], m_lo[seg]))
+    m_hi = torch.where(live, m_hi[seg], torch.maximum(m_hi[before], m_hi[seg]))
+    part, c, r = leaf_forms(box, nodes, axis, logits[index], per_segment, None, per_offset)
+    # The interpolant's own forms (no band) on the window cells, row-major around each peak
+    # (cells off the heatmap take a clamped one: never stable, never used).
+    side = int(round(stable.shape[1] ** 0.5))
+    height, width = heatmap_hw
+    off = torch.arange(side) - side // 2
+    v = (peak // width)[:, None, None] + off[None, :, None]
+    u = (peak % width)[:, None, None] + off[None, None, :]
+    cells = (v.clamp(0, height - 1) * width + u.clamp(0, width - 1)).view(peak.shape[0], -1)
+    nodal = logits[index].gather(2, cells[None].expand(index.shape[0], -1, -1))
+    _, c_exact, r_exact = _segment_forms(box, nodes, axis, nodal, torch.zeros_like(nodal[1:]),
+                                         None)
+    return part, c, r, mixed, WindowMoments(peak, anchor, stable, m_lo, m_hi, c_exact, r_exact)

@@ -72,6 +72,32 @@ class LogitRanges(NamedTuple):
     mag: torch.Tensor
 
 
+class WindowMoments(NamedTuple):
+    """Backward bounds of each keypoint's local-centroid window moments, per sub-box.
+
+    A level pass (:mod:`.levels`, :mod:`.backward`) bounds, over the window cells that are
+    positive everywhere (``stable``), the sums of the logits' deviation δ from the nodes'
+    interpolant that the centroid needs: Σ δ, Σ (Δu − a_u)·δ and Σ (Δv − a_v)·δ (Δ: the offset
+    from the window's centre, the keypoint's reference argmax ``peak``; a: the ``anchor``,
+    about the reference's own centroid offset, where the scan's thresholds end up). These
+    cells then enter the threshold scan with the interpolant's forms only (``centre``,
+    ``radius``, no band) and the sums as constants, instead of each cell with its own band:
+    the signs with which neighbouring cells deviate cancel in the sums.
+
+    ``peak`` (K,) flat cell indices; ``anchor`` (K, 2) (u, v) offsets; ``stable`` (K, m) over
+    the window's row-major offsets; ``lo``, ``hi`` (N, K, 3); ``centre`` (N, 3, K, m),
+    ``radius`` (N, 1, K, m) on the window's cells.
+    """
+
+    peak: torch.Tensor
+    anchor: torch.Tensor
+    stable: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    centre: torch.Tensor
+    radius: torch.Tensor
+
+
 def logit_ranges(centre: torch.Tensor, radius: torch.Tensor,
                  boxes: torch.Tensor) -> LogitRanges:
     """The exact range of every logit's bounds C ∓ R over its sub-box, with its centre value.
@@ -233,7 +259,7 @@ def coupled_max(dc: torch.Tensor, dr: torch.Tensor, boxes: torch.Tensor,
 
 def _smallest_threshold(up_all: torch.Tensor, lo_all: torch.Tensor, err_up: torch.Tensor,
                         err_lo: torch.Tensor, c: torch.Tensor, values: torch.Tensor,
-                        n: int) -> torch.Tensor:
+                        n: int, extra: tuple | None = None) -> torch.Tensor:
     """Smallest t with ``Σ_i w_i(θ)·(c_i − t) ≤ 0`` for all θ of each sub-box: (N, K).
 
     Entries are ordered by coordinate ``c`` (descending, (N, K, m)); ``up_all``/``lo_all``
@@ -242,6 +268,10 @@ def _smallest_threshold(up_all: torch.Tensor, lo_all: torch.Tensor, err_up: torc
     corners decide), ``err_up``/``err_lo`` the magnitudes that bound their float64 error.
     Configuration k (the first k entries on their upper bound) is exact for t in
     [c[k], c[k − 1]]; one prefix scan tries every k.
+
+    ``extra`` = (a, b_pos, b_neg, t0), each (N, K): a term the sum has on top, bounded by
+    a − (t − t0)·b_pos for t ≥ t0 and a − (t − t0)·b_neg for t ≤ t0 (a sum Σ (c_i − t)·δ_i
+    over cells whose moments about t0 are known to lie in intervals: :class:`WindowMoments`).
     """
     c4 = c[:, None]
     p0 = _prefix_configs(up_all, lo_all)  # (N, 4 corners, K, m + 1)
@@ -249,12 +279,31 @@ def _smallest_threshold(up_all: torch.Tensor, lo_all: torch.Tensor, err_up: torc
     err = _prefix_configs(err_up, err_lo)
     cmin, cmax = float(values[0]), float(values[-1])
     eps = 2.0 ** -52 * (n + 16)
-    # Feasible iff p1 − t·p0 + margin <= 0 at every corner. The margin bounds the float64
-    # error of the computed sum and the exponentials that underflowed to zero.
-    p1 = p1 + 2.0 * max(abs(cmin), abs(cmax)) * eps * err + UNDERFLOW
     inf = torch.full_like(c[..., :1], torch.inf)
     t_lo = torch.cat([c, -inf], -1).clamp(min=cmin)
     t_hi = torch.cat([inf, c], -1).clamp(max=cmax)
+    if extra is None:
+        return torch.clamp(_feasible_min(p0, p1, err, t_lo, t_hi, cmin, cmax, eps), max=cmax)
+    a, b_pos, b_neg, t0 = (t[:, None, :, None] for t in extra)
+    err = err + a.abs() + (t0.abs() + 1.0) * torch.maximum(b_pos.abs(), b_neg.abs())
+    # t ≥ t0 and t ≤ t0 separately: the extra term is affine in t on each side.
+    t0 = t0[:, 0]
+    best = torch.minimum(
+        _feasible_min(p0 + b_pos, p1 + a + t0[:, None] * b_pos, err, torch.maximum(t_lo, t0),
+                      t_hi, cmin, cmax, eps),
+        _feasible_min(p0 + b_neg, p1 + a + t0[:, None] * b_neg, err, t_lo,
+                      torch.minimum(t_hi, t0), cmin, cmax, eps))
+    return torch.clamp(best, max=cmax)
+
+
+def _feasible_min(p0: torch.Tensor, p1: torch.Tensor, err: torch.Tensor, t_lo: torch.Tensor,
+                  t_hi: torch.Tensor, cmin: float, cmax: float, eps: float) -> torch.Tensor:
+    """Smallest t in some [t_lo, t_hi] with p1 − t·p0 + margin ≤ 0 at every corner: (N, K).
+
+    The margin bounds the float64 error of the computed sum and the exponentials that
+    underflowed to zero; +inf where no configuration is feasible.
+    """
+    p1 = p1 + 2.0 * max(abs(cmin), abs(cmax)) * eps * err + UNDERFLOW
     pos = p0 > 0
     neg = p0 < 0
     ratio = p1 / torch.where(pos | neg, p0, 1.0)
@@ -263,8 +312,7 @@ def _smallest_threshold(up_all: torch.Tensor, lo_all: torch.Tensor, err_up: torc
     blocked = ((p0 == 0) & (p1 > 0)).any(1) | torch.isnan(ratio).any(1)
     t = torch.maximum(need_lo, t_lo)
     feasible = (t <= torch.minimum(need_hi, t_hi)) & ~blocked
-    best = torch.where(feasible, t, torch.inf).min(-1).values
-    return torch.clamp(best, max=cmax)
+    return torch.where(feasible, t, torch.inf).min(-1).values
 
 
 def _abs_corners(form: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -299,13 +347,15 @@ def soft_argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.
 
 def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
                          mag: torch.Tensor | None = None,
-                         scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                         scale: torch.Tensor | None = None,
+                         relu: bool = True) -> tuple[torch.Tensor, ...]:
     """Upper/lower affine bounds of r_i = relu(h_i) at the sub-box corners, with error scales.
 
     Returns ``(up_c, lo_c, up_err, lo_err)``, each (N, 4, K, n). The rounding slack of the
     logits is relative to the heatmap's largest logit magnitude (centroids ignore the scale).
     Everything is per cell, so a caller that needs only some cells may pass their gathered
-    forms with their magnitudes ``mag`` and the whole heatmap's ``scale`` (N, K, 1).
+    forms with their magnitudes ``mag`` and the whole heatmap's ``scale`` (N, K, 1). With
+    ``relu`` False the forms' own bounds (cells known to be positive: relu is the identity).
     """
     if mag is None:
         mag = logit_slack(centre, radius, boxes)
@@ -313,8 +363,9 @@ def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor, boxes: torc
         scale = mag.amax(-1, keepdim=True)
     radius = radius.clone()
     radius[:, 0] += LOGIT_SLACK * (mag + scale)
-    rc, rr, _ = relu_forms(centre, radius, boxes, 'parallel')
-    up_form, lo_form = upper(rc, rr), lower(rc, rr)
+    if relu:
+        centre, radius, _ = relu_forms(centre, radius, boxes, 'parallel')
+    up_form, lo_form = upper(centre, radius), lower(centre, radius)
     up_c = form_corners(up_form, boxes)  # (N, 4, K, n)
     lo_c = form_corners(lo_form, boxes)
     up_err = _abs_corners(up_form, boxes) + up_c.abs()
@@ -322,10 +373,17 @@ def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor, boxes: torc
     return up_c, lo_c, up_err, lo_err
 
 
-def _vanishing(lo_c: torch.Tensor, lo_err: torch.Tensor) -> torch.Tensor:
-    """(N, K) where the summed lower weights may be ≤ 0 at some corner (rounding included)."""
+def _vanishing(lo_c: torch.Tensor, lo_err: torch.Tensor,
+               extra: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) where the summed lower weights may be ≤ 0 at some corner (rounding included).
+
+    ``extra`` (N, K): a lower bound of more mass on top (:class:`WindowMoments`' Σ δ).
+    """
     eps = 2.0 ** -52 * (lo_c.shape[-1] + 16)
-    return ((lo_c.sum(-1) - 2.0 * eps * lo_err.sum(-1)) <= 0).any(1)
+    mass, err = lo_c.sum(-1), lo_err.sum(-1)
+    if extra is not None:
+        mass, err = mass + extra[:, None], err + extra.abs()[:, None]
+    return ((mass - 2.0 * eps * err) <= 0).any(1)
 
 
 def centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
@@ -380,7 +438,8 @@ LOCAL_CANDIDATES = 16
 
 def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
                           grid: tuple[torch.Tensor, torch.Tensor],
-                          window: int = LOCAL_RADIUS) -> torch.Tensor:
+                          window: int = LOCAL_RADIUS,
+                          moments: WindowMoments | None = None) -> torch.Tensor:
     """(N, K, 4) box in heatmap cells bounding the ``local-centroid`` readout per sub-box.
 
     For every θ the readout is the relu centre of mass of the window around *some* cell p
@@ -390,6 +449,11 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     itself is joined where the window's mass may vanish. The certificate is the hull over
     the candidates. With more than :data:`LOCAL_CANDIDATES` candidates it is the candidates'
     bounding box grown by ``window`` cells (every window centroid lies in its window).
+
+    With ``moments`` the window of a sub-box whose only candidate is the keypoint's
+    reference argmax takes its stable cells as the interpolant's forms plus the moments'
+    bounds (:class:`WindowMoments`), where every one of those cells is positive over the
+    whole sub-box; the other windows are bounded as without.
     """
     gu, gv = grid
     width = int(gu.max().item()) + 1
@@ -424,15 +488,37 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     n_rows, k_kp, n_l, m = cells.shape
     # The relu weights are per cell: bound them on the window cells only.
     flat = cells.reshape(n_rows, k_kp, n_l * m)
+    mag_w, scale = mag.gather(2, flat), mag.amax(-1, keepdim=True)
     weights = _relu_weight_corners(_gather_many(centre, flat), _gather_many(radius, flat), boxes,
-                                   mag.gather(2, flat), mag.amax(-1, keepdim=True))
+                                   mag_w, scale)
+    extra = mass = None
+    if moments is not None:
+        stable = _moment_cells(moments, ranges.lo.gather(2, flat) - LOGIT_SLACK * (mag_w + scale),
+                               count, cand, inside, few)
+        use = stable.any(-1).any(-1)  # (N, K): windows that take the moments
+        if bool(use.any()):
+            # The moments' window is the first candidate's (the only one where used).
+            first = mag_w.view(n_rows, k_kp, n_l, m)[:, :, 0]
+            exact = _relu_weight_corners(moments.centre, moments.radius, boxes, first, scale,
+                                         relu=False)
+            take = stable.view(n_rows, 1, k_kp, n_l, m)
+
+            def placed(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                w = w.view(n_rows, 4, k_kp, n_l, m).clone()
+                w[:, :, :, 0] = e
+                return w
+
+            weights = tuple(torch.where(take, placed(e, w), w.view(take.shape[0], 4, k_kp, n_l,
+                                                                   m)).view(w.shape)
+                            for e, w in zip(exact, weights, strict=True))
+            extra, mass = _moment_terms(moments, use, n_l)
 
     def window_view(t: torch.Tensor) -> torch.Tensor:
         out = t.view(n_rows, 4, k_kp, n_l, m).masked_fill(~inside[:, None], 0.0)
         return out.reshape(n_rows, 4, k_kp * n_l, m)
 
     up_w, lo_w, up_e, lo_e = (window_view(t) for t in weights)
-    vanish = _vanishing(lo_w, lo_e).view(n_rows, k_kp, n_l)
+    vanish = _vanishing(lo_w, lo_e, mass).view(n_rows, k_kp, n_l)
     # The four scans (u and v, each side) in one batch. The window's offsets are the same
     # values on both axes and symmetric about 0, so every scan shares the coordinates and
     # only the grouped weights differ: on the negative side the groups of −offsets are the
@@ -447,7 +533,7 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
         scans.append([t.flip(-1) for t in sums])  # sign +1: descending coordinate order
     grouped = [torch.cat([scan[i] for scan in scans]) for i in range(4)]
     c = values.flip(0).expand(4 * n_rows, k_kp * n_l, g)
-    best_all = _smallest_threshold(*grouped, c, values, m).view(4, n_rows, k_kp, n_l)
+    best_all = _smallest_threshold(*grouped, c, values, m, extra).view(4, n_rows, k_kp, n_l)
     out = []
     for d, (base, sign) in enumerate(((pu, -1.0), (pu, 1.0), (pv, -1.0), (pv, 1.0))):
         best = sign * best_all[d]
@@ -462,6 +548,49 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     local = torch.stack(out, -1)
     # Each window's centroid also lies inside the window (clipped to the heatmap).
     return torch.where(few[..., None], _intersect(local, grown), grown)
+
+
+def _moment_cells(moments: WindowMoments, low: torch.Tensor, count: torch.Tensor,
+                  cand: torch.Tensor, inside: torch.Tensor, few: torch.Tensor) -> torch.Tensor:
+    """(N, K, L, m) the window cells that enter the scan through ``moments``.
+
+    A window takes them where its candidate is the keypoint's only one and the peak the
+    moments were taken around, and every stable cell's lower bound ``low`` (N, K, L·m,
+    slack included) is positive on the sub-box (relu is then the identity on all of them, so
+    the moments are the sums the scan needs); otherwise none of its cells does.
+    """
+    n_rows, k_kp, n_l, m = inside.shape
+    stable = torch.zeros_like(inside)
+    if n_l == 0:
+        return stable
+    first = moments.stable[None] & inside[:, :, 0]  # (N, K, m)
+    positive = (low.view(n_rows, k_kp, n_l, m)[:, :, 0] > 0) | ~first
+    use = few & (count == 1) & (cand[..., 0] == moments.peak[None]) & positive.all(-1)
+    stable[:, :, 0] = first & use[..., None]
+    return stable
+
+
+def _moment_terms(moments: WindowMoments, use: torch.Tensor, n_l: int) -> tuple:
+    """The moments as the four scans' extra terms and the mass's lower bound.
+
+    Scan d (u −, u +, v −, v +) has coordinates σ·Δ and the anchor σ·a: with
+    G = Σ (Δ − a)·δ, Σ δ_i·(σΔ_i − t) = σ·G − (t − σa)·Σ δ, at most U(σG) − (t − σa)·L(Σ δ)
+    for t ≥ σa and U(σG) − (t − σa)·U(Σ δ) below. Returns ((a, b_pos, b_neg, t0) each
+    (4·N, K·L), mass (N, K·L)); zero where ``use`` is False and on every window but the first.
+    """
+    lo, hi = moments.lo, moments.hi  # (N, K, 3): Σ δ, Σ (Δu − a_u)·δ, Σ (Δv − a_v)·δ
+    a = torch.stack([-lo[..., 1], hi[..., 1], -lo[..., 2], hi[..., 2]])  # (4, N, K)
+    b_pos = lo[..., 0].expand(4, -1, -1)
+    b_neg = hi[..., 0].expand(4, -1, -1)
+    au, av = moments.anchor[:, 0], moments.anchor[:, 1]  # (K,)
+    t0 = torch.stack([-au, au, -av, av])[:, None].expand(-1, lo.shape[0], -1)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((*t.shape, n_l))
+        out[..., 0] = torch.where(use, t, 0.0)
+        return out.reshape(t.shape[0], -1) if t.ndim == 2 else out.reshape(-1, t.shape[-1] * n_l)
+
+    return tuple(windows(t) for t in (a, b_pos, b_neg, t0)), windows(lo[..., 0])
 
 
 def _gather_many(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
