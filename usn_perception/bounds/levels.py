@@ -582,7 +582,8 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     ``reference`` (K, H, W) the reference node's logits, ``upper``/``lower`` (K, H, W) bounds
     of every cell over all nodes and rows, ``lo``/``hi`` (R, K·H·W) the rows' bands. The
     window's cells that are positive throughout (``lower`` > 0) give the three moments
-    Σ δ, Σ Δu·δ, Σ Δv·δ (Δ from the reference argmax; :class:`.spec.WindowMoments`); the
+    Σ δ, Σ (Δu − a_u)·δ, Σ (Δv − a_v)·δ (Δ from the reference argmax, a the anchor;
+    :class:`.spec.WindowMoments`); the
     others that may be positive are bounded one by one, and their rows' band narrowed to it
     in place. Returns (peak (K,), anchor (K, 2), stable (K, m), lo, hi (R, K, 3)), or None
     where the backward bound cannot run.
@@ -830,6 +831,8 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     if moments is None:
         return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves, per_offset),
                 mixed, None)
+    if heatmap_hw is None:
+        raise ValueError('level_bounds with a window needs heatmap_hw, the heatmap\'s (H, W)')
     peak, anchor, stable, m_lo, m_hi = moments
     m_lo = torch.where(live, m_lo[seg], torch.minimum(m_lo[before], m_lo[seg]))
     m_hi = torch.where(live, m_hi[seg], torch.maximum(m_hi[before], m_hi[seg]))

@@ -566,6 +566,7 @@ def _moment_cells(moments: WindowMoments, low: torch.Tensor, count: torch.Tensor
     first = moments.stable[None] & inside[:, :, 0]  # (N, K, m)
     positive = (low.view(n_rows, k_kp, n_l, m)[:, :, 0] > 0) | ~first
     use = few & (count == 1) & (cand[..., 0] == moments.peak[None]) & positive.all(-1)
+    use &= ~(moments.stable[None] & ~inside[:, :, 0]).any(-1)  # every summed cell is read
     stable[:, :, 0] = first & use[..., None]
     return stable
 
