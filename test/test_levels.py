@@ -39,6 +39,7 @@ from usn_perception.certify import (
     NODES_PER_SUBBOX,
     OFFSET_LEAF_WORK,
     OFFSET_MIN_LEAVES,
+    WINDOW_WORK,
     Budget,
     PhotometricBox,
     certify_keypoints,
@@ -434,7 +435,7 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
     for work in (1, g + LEAF_WORK, g + 2 * LEAF_WORK, few - 1, few,
                  g + OFFSET_LEAF_WORK * (g - 1), g + OFFSET_LEAF_WORK * g,
                  6 * g + OFFSET_LEAF_WORK * g, 10_000):
-        cert = certify_keypoints(det, image, NODE_BOX,
+        cert = certify_keypoints(det, image, NODE_BOX, backward=False,
                                  budget=Budget(1, max_ms=1e6, level_work=work))
         st = cert.stats
         assert st['level_nodes'] >= g and st['budget']['level_work'] == work
@@ -453,16 +454,29 @@ def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed,
         last = plan
         plans.append(plan)
         assert_sound(det, image, NODE_BOX, cert, readout, grid=7)
-        # The local-centroid window's moments bounded backward, under a time limit too; a
-        # readout leaf per segment then (the rows stay the plan's).
-        assert st['backward'] == (readout == 'local-centroid')
-        assert st['leaves'] >= g - 1 if st['backward'] else st['leaves'] == st['rows']
-        if readout == 'local-centroid':  # turned off: every plan kind, sound
-            rows = certify_keypoints(det, image, NODE_BOX, backward=False,
+        assert not st['backward'] and st['leaves'] == st['rows']
+        # By default the local-centroid window's moments are bounded backward where the
+        # work affords them on top of the smallest plan (and they come out of the plan's
+        # work), with a readout leaf per segment; the rows stay the plan's.
+        auto = certify_keypoints(det, image, NODE_BOX,
+                                 budget=Budget(1, max_ms=1e6, level_work=work))
+        windowed = readout == 'local-centroid' and work >= g + LEAF_WORK + WINDOW_WORK
+        assert auto.stats['backward'] == windowed
+        if windowed:
+            assert auto.stats['leaves'] >= g - 1
+            smaller = certify_keypoints(det, image, NODE_BOX, backward=False,
+                                        budget=Budget(1, max_ms=1e6,
+                                                      level_work=work - WINDOW_WORK))
+            assert auto.stats['level_work'] == smaller.stats['level_work'] + WINDOW_WORK
+            assert auto.stats['rows'] == smaller.stats['rows']
+            assert_sound(det, image, NODE_BOX, auto, readout, grid=7)
+        else:
+            assert auto.stats['level_work'] == st['level_work']
+        if readout == 'local-centroid' and work in (1, few, 10_000):  # asked for: sound
+            back = certify_keypoints(det, image, NODE_BOX, backward=True,
                                      budget=Budget(1, max_ms=1e6, level_work=work))
-            assert not rows.stats['backward'] and rows.stats['level_work'] == st['level_work']
-            assert rows.stats['leaves'] == st['rows']
-            assert_sound(det, image, NODE_BOX, rows, readout, grid=7)
+            assert back.stats['backward'] and back.stats['rows'] == st['rows']
+            assert_sound(det, image, NODE_BOX, back, readout, grid=7)
     assert last[2] > g and last[0]  # the most work cuts the segments into parts ...
     assert last[1] >= 2 and not last[3]  # ... each natural segment keeping a leaf of its own
     for offset, leaves, nodes, merged in plans:  # offset rows on merged leaves (the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import partial
 
@@ -116,6 +116,11 @@ OFFSET_LEAF_WORK = 3
 #: Leaves with offset rows a plan sized by work needs before it takes them instead of a radius
 #: row per segment (see _plan_by_work).
 OFFSET_MIN_LEAVES = 3
+#: ``Budget.level_work`` units of the local-centroid window's moments (bounds.backward) with a
+#: readout leaf per segment. Measured on node frames (session 19, one thread): +9-10 ms a
+#: certificate at ~0.8 ms a unit. Under a time limit the window runs only where the work
+#: affords it on top of the smallest plan, and comes out of the work the plan gets.
+WINDOW_WORK = 12
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
@@ -271,7 +276,7 @@ class _Evaluator:
                            plan.groups(), nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
                            deadline=deadline, nominal=self.trace() if reuse else None,
-                           offset=plan.offset, window=self.window,
+                           offset=plan.offset, window=self.window if plan.window else None,
                            heatmap_hw=self.heatmap_hw)
         if out is None:
             return None
@@ -347,6 +352,7 @@ class _LevelPlan:
     leaves: int  # contiguous groups of segments, each a radius row and a readout bound
     offset: bool = True  # each row with its offset row (bounds.levels)
     merged: bool = False  # groups merge the narrowest segments (bounds.levels.narrowest_merged)
+    window: bool = False  # the readout window's moments bounded backward (bounds.backward)
 
     @property
     def segments(self) -> int:
@@ -356,7 +362,8 @@ class _LevelPlan:
     @property
     def work(self) -> int:
         """Network images and readout bounds it takes (``Budget.level_work``'s unit)."""
-        return self.points + (OFFSET_LEAF_WORK if self.offset else LEAF_WORK) * self.leaves
+        return (self.points + (OFFSET_LEAF_WORK if self.offset else LEAF_WORK) * self.leaves
+                + WINDOW_WORK * self.window)
 
     def groups(self) -> int | torch.Tensor:
         """The ``leaves`` argument of bounds.levels.level_bounds: a count, or the merged map."""
@@ -364,10 +371,13 @@ class _LevelPlan:
 
 
 def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_nodes: int,
-                tau_ok: bool) -> _LevelPlan | None:
+                tau_ok: bool, window: bool | None = False) -> _LevelPlan | None:
     """The level-node plan for ``root`` when only one threshold clips and it fits the budget.
 
     ``tau_ok``: the |τ|·R bound the nodes need (and free sub-boxes) is negligible.
+    ``window``: bound the readout window's moments (True), never (False), or where the budget
+    affords it (None: always without a time limit; under one, where its level work leaves
+    :data:`WINDOW_WORK` for them on top of the smallest plan, taken out of the plan's work).
     """
     if not tau_ok or not levels_possible(budget, max_nodes):
         return None
@@ -379,8 +389,17 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
     points = evaluation_points(nodes, enc.values, enc.value_weights, axis)[0].shape[0]
     if points > cap:
         return None
+    if window is None:
+        timed = budget.max_ms is not None
+        window = not timed or (budget.level_work is not None and budget.level_work
+                               >= points + LEAF_WORK + WINDOW_WORK)
+        spent = WINDOW_WORK if timed and window else 0
+    else:
+        spent = 0
     if budget.level_work is not None:
-        return _plan_by_work(root, enc, axis, nodes, points, budget.level_work, max_nodes)
+        plan = _plan_by_work(root, enc, axis, nodes, points, budget.level_work - spent,
+                             max_nodes)
+        return replace(plan, window=window)
     # Leaves to spare: cut every segment into k parts, as many nodes as the budget allows.
     spare = min(cap, SUBDIVIDE_NODES_PER_SUBBOX * budget.max_subboxes)
     if budget.max_ms is not None:
@@ -389,7 +408,8 @@ def _level_plan(root: torch.Tensor, enc: ImageEncoding, budget: Budget, max_node
                         lambda count: count <= spare)
     if cut is not None:
         nodes, points = cut
-    return _LevelPlan(root, axis, nodes, points, min(budget.max_subboxes, nodes.shape[0] - 1))
+    return _LevelPlan(root, axis, nodes, points, min(budget.max_subboxes, nodes.shape[0] - 1),
+                      window=window)
 
 
 def _cut_segments(root: torch.Tensor, enc: ImageEncoding, axis: int, most: int,
@@ -511,8 +531,10 @@ def certify_keypoints(
     0 turns it off. ``backward``: level plans bound each keypoint's local-centroid window
     moments by back-substitution (:mod:`usn_perception.bounds.backward`,
     :class:`~usn_perception.bounds.spec.WindowMoments`) and give every clip segment a readout
-    leaf of its own; None (default) and True do so, False keeps the rows' bands (measured on
-    the node's frames: 3.64 -> 1.26 median tightness at level work 13, 1.67 at work 7).
+    leaf of its own; True does so, False keeps the rows' bands, None (default) does so
+    without a time limit and, under one, where the level work affords :data:`WINDOW_WORK`
+    for it on top of the smallest plan (measured on the node's frames: 3.64 -> 1.18 median
+    tightness at level work 13, 1.45 at work 7, at ~+10 ms).
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
     with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes
@@ -611,7 +633,7 @@ def certify_keypoints(
                           generators=0 if thresholds else generators, thresholds=thresholds,
                           exact_values=exact_values, float32=precision == 'float32',
                           free=is_free, logits=logits, trace=trace,
-                          backward=True if backward is None else backward)
+                          backward=backward is not False)
     stats = {'method': method, 'readout': readout, 'relu': evaluate.relu,
              'backward': False,
              'precision': precision if evaluate.relu == 'parallel' else 'float64',
@@ -632,7 +654,8 @@ def certify_keypoints(
         how = {'intensity': enc.mean_intensity()}
     plan = None
     if wants_levels:
-        plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok)
+        plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok,
+                           backward if evaluate.window is not None else False)
     stats['level_nodes'] = 0 if plan is None else plan.points
     stats['level_work'] = 0 if plan is None else plan.work
     stats['rows'] = 0 if plan is None else plan.leaves  # radius rows (leaves: readout bounds)

@@ -61,12 +61,7 @@ from typing import NamedTuple
 
 import torch
 
-from usn_perception.bounds.backward import (
-    BackwardTape,
-    start_index,
-    window_cells,
-    window_functionals,
-)
+from usn_perception.bounds.backward import BackwardTape, start_index, window_functionals
 from usn_perception.bounds.fused import FusedPrefix, fused_prefix
 from usn_perception.bounds.layers import AffineOp, CompiledNetwork, LinearOp
 from usn_perception.bounds.propagate import BudgetExceeded
@@ -589,42 +584,44 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     where the backward bound cannot run.
     """
     k_kp, height, width = reference.shape
-    side = 2 * window + 1
     peak = reference.reshape(k_kp, -1).argmax(1)
+    pu, pv = peak % width, peak // width
     # The moments' anchor: the reference's own centroid offset, on a grid of 1/64 so that
     # the weights Δ − anchor are exact in float32.
     centroid = local_centroid(reference[None], window)[0]  # (K, 2) (u, v)
-    anchor = torch.stack([peak % width, peak // width], 1).to(centroid.dtype)
-    anchor = torch.round((centroid - anchor) * 64.0) / 64.0
-    stable = torch.zeros(k_kp, side * side, dtype=torch.bool)
-    cells, weights, singles = [], [], []
-    listed = window_cells(reference, window, upper)
-    where = torch.tensor([k * height * width + v * width + u
-                          for k, window_k in enumerate(listed) for v, u in window_k])
-    flags = iter((lower.flatten()[where] > 0).tolist())
-    for k, window_k in enumerate(listed):
-        pv, pu = divmod(int(peak[k]), width)
-        positive = [next(flags) for _ in window_k]
-        pos = [c for c, keep in zip(window_k, positive, strict=True) if keep]
-        mix = [c for c, keep in zip(window_k, positive, strict=True) if not keep]
-        w = torch.zeros(3 + len(mix), len(pos) + len(mix))
-        w[0, :len(pos)] = 1.0
-        w[1, :len(pos)] = torch.tensor([u - pu - float(anchor[k, 0]) for _, u in pos])
-        w[2, :len(pos)] = torch.tensor([v - pv - float(anchor[k, 1]) for v, _ in pos])
-        w[3:, len(pos):] = torch.eye(len(mix))
-        for v, u in pos:
-            stable[k, (v - pv + window) * side + (u - pu + window)] = True
-        cells.append(pos + mix)
+    anchor = torch.round((centroid - torch.stack([pu, pv], 1).to(centroid.dtype)) * 64.0) / 64.0
+    # The window's cells, row-major around each peak: those that may be positive (a relu
+    # weight of 0 needs no bound), and the peak.
+    off = torch.arange(-window, window + 1)
+    dv, du = (t.reshape(-1) for t in torch.meshgrid(off, off, indexing='ij'))
+    v, u = pv[:, None] + dv, pu[:, None] + du  # (K, m)
+    inside = (v >= 0) & (v < height) & (u >= 0) & (u < width)
+    flat = (torch.arange(k_kp)[:, None] * height + v.clamp(0, height - 1)) * width + (
+        u.clamp(0, width - 1))
+    live = inside & ((upper.flatten()[flat] > 0) | ((du == 0) & (dv == 0)))
+    stable = live & (lower.flatten()[flat] > 0)
+    mixed = live & ~stable
+    # Per keypoint the stable cells (three moments' weights), then the others (one each).
+    coef = torch.stack([torch.ones_like(du, dtype=torch.float32).expand(k_kp, -1),
+                        du - anchor[:, :1].float(), dv - anchor[:, 1:].float()], 1)  # (K, 3, m)
+    cells, weights = [], []
+    for k in range(k_kp):
+        st, mx = stable[k], mixed[k]
+        n_st, n_mx = int(st.sum()), int(mx.sum())
+        w = torch.zeros(3 + n_mx, n_st + n_mx)
+        w[:3, :n_st] = coef[k][:, st]
+        w[3:, n_st:] = torch.eye(n_mx)
+        cells.append(list(zip(torch.cat([v[k][st], v[k][mx]]).tolist(),
+                              torch.cat([u[k][st], u[k][mx]]).tolist(), strict=True)))
         weights.append(w)
-        singles.append([k * height * width + v * width + u for v, u in mix])
     out = window_functionals(net, tape, (k_kp, height, width), cells, weights)
     if out is None:
         return None
     f_lo, f_hi = out  # (R, Σ items): per keypoint its three moments, then its mixed cells
     first = torch.tensor([0, *[w.shape[0] for w in weights]]).cumsum(0)
     sums = (first[:-1, None] + torch.arange(3)).reshape(-1)
-    index = torch.tensor([i for s in singles for i in s], dtype=torch.long)
-    if index.numel():
+    if bool(mixed.any()):
+        index = flat[mixed]
         items = torch.cat([torch.arange(3, w.shape[0]) + first[k]
                            for k, w in enumerate(weights)])
         b_lo = torch.maximum(lo[:, index], f_lo[:, items])
@@ -636,17 +633,16 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     rows = f_lo.shape[0]
     m_lo, m_hi = f_lo[:, sums].view(rows, k_kp, 3), f_hi[:, sums].view(rows, k_kp, 3)
     # The rows' bands bound the same sums (Σ of each term's extreme): never wider than that.
-    for k, (w, window_k) in enumerate(zip(weights, cells, strict=True)):
-        n = int((w[0] != 0).sum())  # the stable cells come first
-        if n == 0:
-            continue
-        at = torch.tensor([k * height * width + v * width + u for v, u in window_k[:n]])
-        coef = w[:3, :n].double()[None]  # (1, 3, n)
-        ends = (coef * lo[:, None, at], coef * hi[:, None, at])
-        slack = (ends[0].abs() + ends[1].abs()).sum(-1) * ((n + 2) * U64)
-        r_lo = torch.minimum(*ends).sum(-1) - slack
-        r_hi = torch.maximum(*ends).sum(-1) + slack
-        m_lo[:, k], m_hi[:, k] = torch.maximum(m_lo[:, k], r_lo), torch.minimum(m_hi[:, k], r_hi)
+    at, kp = flat[stable], stable.nonzero()[:, 0]
+    terms = coef.double().permute(1, 0, 2)[:, stable][None]  # (1, 3, M)
+    ends = (terms * lo[:, None, at], terms * hi[:, None, at])
+    size = (ends[0].abs() + ends[1].abs()) * ((at.shape[0] + 2) * U64)
+    r_lo = torch.zeros(rows, 3, k_kp, dtype=lo.dtype).index_add_(
+        2, kp, torch.minimum(*ends) - size)
+    r_hi = torch.zeros(rows, 3, k_kp, dtype=hi.dtype).index_add_(
+        2, kp, torch.maximum(*ends) + size)
+    m_lo = torch.maximum(m_lo, r_lo.transpose(1, 2))
+    m_hi = torch.minimum(m_hi, r_hi.transpose(1, 2))
     if bool((m_lo > m_hi).any()):  # two sound bounds of one sum must meet
         raise RuntimeError('internal soundness check failed: backward window moments miss '
                            'the rows\' bands')
