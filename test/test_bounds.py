@@ -656,3 +656,124 @@ def test_layer_bounds_reports_every_op():
     assert all(r.bound_width >= r.theta_width - 1e-12 for r in report)
     point = layer_bounds(det, img, PhotometricBox.point(1.0, 0.0))
     assert all(r.radius_width == 0.0 and r.unstable == 0 for r in point)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_local_centroid_bounds_with_window_moments_contain_sampled_readouts(seed):
+    """Window moments (spec.WindowMoments) replace the stable cells' bands by three sums.
+
+    The logits are the forms plus a deviation δ: on the stable cells one of a set of sampled
+    vectors (the moments are their sums' exact range, so every sample is consistent with
+    them), elsewhere anything within the radius. Every sample at every θ reads inside the
+    bound, and the moments make the boxes narrower than the stable cells' bands do.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_box, k, h, w, window = SUB_BOXES.shape[0], 2, 9, 14, 3
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    grid = (gu.reshape(-1), gv.reshape(-1))
+    centre = torch.zeros(n_box, 3, k, h * w, dtype=F64)
+    centre[:, 1:] = torch.randn(n_box, 2, k, h * w, generator=gen, dtype=F64) * 0.02
+    peaks = []
+    # The first keypoint's window is positive throughout (all of it goes through the
+    # moments); the second's only near its peak.
+    for kk, (pu, pv, spread) in enumerate(((4, 4, 30.0), (w - 5, 3, 3.0))):
+        bump = torch.exp(-((gu - pu) ** 2 + (gv - pv) ** 2) / spread).reshape(-1)
+        centre[:, 0, kk] = 1.5 * bump - 0.05
+        peaks.append(pv * w + pu)
+    peak = torch.tensor(peaks)
+    rho = 0.03  # the deviation's reach on every cell: the rows' band
+    radius = torch.full((n_box, 1, k, h * w), rho, dtype=F64)
+    # The window's cells, row-major around each peak; stable where positive on every box.
+    off = torch.arange(-window, window + 1)
+    dv, du = (t.reshape(-1) for t in torch.meshgrid(off, off, indexing='ij'))
+    cells = (peak // w)[:, None] + dv, (peak % w)[:, None] + du  # (K, m) v, u
+    inside = (cells[0] >= 0) & (cells[0] < h) & (cells[1] >= 0) & (cells[1] < w)
+    flat = (cells[0].clamp(0, h - 1) * w + cells[1].clamp(0, w - 1))
+    low = spec.logit_ranges(centre, radius, SUB_BOXES).lo  # (N, K, P)
+    stable = inside & (low.amin(0).gather(1, flat) > 0.01)
+    assert 5 < int(stable.sum()) < stable.numel()
+    anchor = torch.randint(-32, 33, (k, 2), generator=gen).to(F64) / 64.0
+    # Sampled deviations on the stable cells, and their sums' exact range per box: the ones
+    # that push the centroid furthest (+-rho by the side of the anchor, on each axis, and
+    # the mass up and down), then random ones.
+    samples = (torch.rand(40, n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1) * rho
+    pushes = []
+    for centred in (True, False):  # by the side of the anchor, and of the peak
+        side_u = torch.zeros(k, h * w, dtype=F64)
+        side_v = torch.zeros(k, h * w, dtype=F64)
+        for kk in range(k):
+            au, av = (anchor[kk, 0], anchor[kk, 1]) if centred else (0.0, 0.0)
+            side_u[kk, flat[kk][inside[kk]]] = torch.sign(du[inside[kk]].to(F64) - au)
+            side_v[kk, flat[kk][inside[kk]]] = torch.sign(dv[inside[kk]].to(F64) - av)
+        pushes += [side_u, -side_u, side_v, -side_v]
+        if not centred:  # one half of the window up: the mass and a moment together
+            pushes += [(side_u >= 0) * 1.0, (side_u <= 0) * 1.0, (side_v >= 0) * 1.0,
+                       (side_v <= 0) * 1.0]
+    pushes += [torch.ones_like(side_u), -torch.ones_like(side_u)]
+    extremes = len(pushes)
+    for j, push in enumerate(pushes):
+        samples[j] = rho * push
+    on = torch.zeros(k, h * w, dtype=torch.bool)
+    for kk in range(k):
+        on[kk, flat[kk][stable[kk]]] = True
+    weights = torch.zeros(k, 3, h * w, dtype=F64)
+    for kk in range(k):
+        at = flat[kk][stable[kk]]
+        weights[kk, 0, at] = 1.0
+        weights[kk, 1, at] = du[stable[kk]].to(F64) - anchor[kk, 0]
+        weights[kk, 2, at] = dv[stable[kk]].to(F64) - anchor[kk, 1]
+    gather = flat[None, None].expand(n_box, 3, -1, -1)
+    exact = centre.gather(3, gather), torch.full((n_box, 1, k, flat.shape[1]), 1e-12, dtype=F64)
+
+    def bounds_for(chosen: torch.Tensor) -> torch.Tensor:
+        sums = torch.einsum('snkp,kfp->snkf', chosen, weights)  # (S, N, K, 3)
+        moments = spec.WindowMoments(peak, anchor, stable, sums.amin(0), sums.amax(0), *exact)
+        return local_centroid_bounds(centre, radius, SUB_BOXES, grid, window, moments=moments)
+
+    # All samples (the extremes make the sums as wide as the bands allow: a test of the
+    # scan's signs and anchors), and the random ones only (narrower sums).
+    every, random = bounds_for(samples), bounds_for(samples[extremes:])
+    # One half of the window up, alone: its sums are the extremes (a test of the anchor).
+    halves = bounds_for(torch.cat([samples[8:12], samples[extremes:]]))
+    plain = local_centroid_bounds(centre, radius, SUB_BOXES, grid, window)
+    thetas = _sample_thetas(SUB_BOXES, 24, gen)
+    for i in range(thetas.shape[1]):
+        base = form_at(centre, thetas[:, i])
+        for s in [*range(extremes), *range(extremes, samples.shape[0], 4)]:
+            # the other cells: as the sample where it pushes (within the radius), else noise
+            noise = (torch.rand(n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1) * rho
+            logits = base + torch.where(on | (s < extremes), samples[s], noise)
+            uv = local_centroid(logits.view(n_box, k, h, w), window)
+            chosen = [every, plain] + ([halves] if 8 <= s < 12 else [])
+            for bounds in chosen if s < extremes else (every, random, halves, plain):
+                assert bool(((uv[..., 0] >= bounds[..., 0]) & (uv[..., 0] <= bounds[..., 1])
+                             & (uv[..., 1] >= bounds[..., 2])
+                             & (uv[..., 1] <= bounds[..., 3])).all()), (seed, i, s)
+    width = lambda b: (b[..., 1] - b[..., 0]) + (b[..., 3] - b[..., 2])  # noqa: E731
+    assert float(width(random).sum()) < float(width(plain).sum())
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_threshold_scan_takes_the_moments_terms_exactly(seed):
+    # Σ w_i·(c_i − t) + G − (t − a)·S ≤ 0 for every (S, G) in a box: the scan's answer is
+    # the smallest such t (weights exact here, so it is the root, not only a bound).
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.arange(-3, 4, dtype=F64)
+    w = torch.rand(7, generator=gen, dtype=F64) + 0.1
+    s_lo, s_hi = sorted((torch.randn(2, generator=gen, dtype=F64) * 0.5).tolist())
+    g_lo, g_hi = sorted((torch.randn(2, generator=gen, dtype=F64) * 0.5).tolist())
+    anchor = float(torch.randint(-96, 97, (1,), generator=gen)) / 64.0
+    weights = w.flip(0).view(1, 1, 1, 7).expand(1, 4, 1, 7)  # descending coordinates
+    c = values.flip(0).view(1, 1, 7)
+    extra = tuple(torch.tensor([[x]], dtype=F64) for x in (g_hi, s_lo, s_hi, anchor))
+    t = float(spec._smallest_threshold(weights, weights, weights, weights, c, values, 7,
+                                       extra)[0, 0])
+
+    def worst(t: float) -> float:  # the left side at its worst (S, G)
+        s = s_lo if t >= anchor else s_hi
+        return float((w * (values - t)).sum()) + g_hi - (t - anchor) * s
+
+    assert worst(t) <= 1e-9
+    if t > -3.0:
+        assert worst(t - 1e-6) > 0  # the smallest: a hair less is infeasible
