@@ -70,6 +70,18 @@ def _cells(k: int, height: int, width: int) -> list[list[tuple[int, int]]]:
              for u in range(max(0, cu - 3), min(width, cu + 4))] for cv, cu in centres]
 
 
+def _setting(net, start: int) -> tuple:
+    """The start band's shape, the (K, H, W) heatmap, three windows' cells, their indices."""
+    x = torch.zeros(1, 1, 48, 64, dtype=torch.float64)
+    for op in net.ops[:start + 1]:
+        x = apply_point(op, x)
+    k, height, width = 3, 24, 32
+    cells = _cells(k, height, width)
+    index = torch.tensor([kk * height * width + v * width + u
+                          for kk, c in enumerate(cells) for v, u in c])
+    return x.shape, (k, height, width), cells, index
+
+
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_the_adjoint_on_crops_is_the_networks_linear_map(seed):
     net = _network(seed)
@@ -78,14 +90,7 @@ def test_the_adjoint_on_crops_is_the_networks_linear_map(seed):
     assert _alignment(_adjoints(net, start)) == 4  # two transposed convolutions, stride 2
     relus = [i for i, op in enumerate(net.ops) if not isinstance(op, (LinearOp, AffineOp))]
     assert sum(i > start for i in relus) == BACKWARD_RELUS
-    x = torch.zeros(1, 1, 48, 64, dtype=torch.float64)
-    for op in net.ops[:start + 1]:
-        x = apply_point(op, x)
-    shape = x.shape
-    k, height, width = 3, 24, 32
-    cells = _cells(k, height, width)
-    index = torch.tensor([kk * height * width + v * width + u
-                          for kk, c in enumerate(cells) for v, u in c])
+    shape, (k, height, width), cells, index = _setting(net, start)
     # Centre: Σ_j Λ_ij·mid_j is the linear map of mid.
     mid = torch.randn(shape, dtype=torch.float64)
     tape = _linear_tape(net, start, mid.float(), torch.zeros(shape))
@@ -118,16 +123,9 @@ def test_functionals_are_the_weighted_sums_of_the_cells(seed):
     # spreads weighted, where signs cancel), rounding included.
     net = _network(seed)
     start = start_index(net)
-    x = torch.zeros(1, 1, 48, 64, dtype=torch.float64)
-    for op in net.ops[:start + 1]:
-        x = apply_point(op, x)
-    shape = x.shape
-    k, height, width = 3, 24, 32
-    cells = _cells(k, height, width)
+    shape, (k, height, width), cells, index = _setting(net, start)
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randint(-3, 4, (3, len(c)), generator=gen).float() for c in cells]
-    index = torch.tensor([kk * height * width + v * width + u
-                          for kk, c in enumerate(cells) for v, u in c])
     mid = torch.randn(shape, dtype=torch.float64)
     tape = _linear_tape(net, start, mid.float(), torch.zeros(shape))
     lo, hi = window_functionals(net, tape, (k, height, width), cells, weights)
