@@ -654,8 +654,10 @@ def certify_keypoints(
         how = {'intensity': enc.mean_intensity()}
     plan = None
     if wants_levels:
+        # (the moments are bounded from float32 deviations only: no window in float64)
         plan = _level_plan(root.to(enc.device), enc, budget, level_nodes, tau_ok,
-                           backward if evaluate.window is not None else False)
+                           backward if evaluate.window is not None and evaluate.float32
+                           else False)
     stats['level_nodes'] = 0 if plan is None else plan.points
     stats['level_work'] = 0 if plan is None else plan.work
     stats['rows'] = 0 if plan is None else plan.leaves  # radius rows (leaves: readout bounds)
