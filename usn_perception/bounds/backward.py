@@ -207,18 +207,17 @@ def window_functionals(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[
     counts = [int(w.shape[0]) for w in weights]
     per = max(counts)
     kp = torch.arange(k_kp).repeat_interleave(per)
+    # The |W|-chain a of each keypoint's cells together bounds every item's cotangent error,
+    # scaled by the item's largest weight.
     g = torch.zeros(k_kp * per, size_y, size_x, k_kp, dtype=torch.float32)
+    a = torch.zeros(k_kp, size_y, size_x, k_kp)
     for k, (c, w) in enumerate(zip(cells, weights, strict=True)):
         cy = torch.tensor([v - oy[k] for v, _ in c])
         cx = torch.tensor([u - ox[k] for _, u in c])
         g[k * per:k * per + counts[k], cy, cx, k] = w.float()
+        a[k, cy, cx, k] = 1.0
     g = g.permute(0, 3, 1, 2)  # channels-last (N, C, H, W) view
-    # The |W|-chain of each keypoint's cells together bounds every item's cotangent error,
-    # scaled by the item's largest weight.
-    ones = torch.zeros(k_kp, size_y, size_x, k_kp)
-    for k, c in enumerate(cells):
-        ones[k, [v - oy[k] for v, _ in c], [u - ox[k] for _, u in c], k] = 1.0
-    a = ones.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    a = a.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     scale = torch.zeros(k_kp, per, dtype=torch.float64)
     for k, w in enumerate(weights):
         if w.numel():

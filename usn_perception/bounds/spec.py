@@ -501,16 +501,14 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
             first = mag_w.view(n_rows, k_kp, n_l, m)[:, :, 0]
             exact = _relu_weight_corners(moments.centre, moments.radius, boxes, first, scale,
                                          relu=False)
-            take = stable.view(n_rows, 1, k_kp, n_l, m)
+            take = stable[:, None, :, 0]  # (N, 1, K, m): only the first window has them
 
             def placed(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                w = w.view(n_rows, 4, k_kp, n_l, m).clone()
-                w[:, :, :, 0] = e
-                return w
+                out = w.view(n_rows, 4, k_kp, n_l, m).clone()
+                out[:, :, :, 0] = torch.where(take, e, out[:, :, :, 0])
+                return out.view(w.shape)
 
-            weights = tuple(torch.where(take, placed(e, w), w.view(take.shape[0], 4, k_kp, n_l,
-                                                                   m)).view(w.shape)
-                            for e, w in zip(exact, weights, strict=True))
+            weights = tuple(placed(e, w) for e, w in zip(exact, weights, strict=True))
             extra, mass = _moment_terms(moments, use, n_l)
 
     def window_view(t: torch.Tensor) -> torch.Tensor:
