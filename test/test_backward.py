@@ -50,8 +50,7 @@ def _linear_tape(net, start: int, mid: torch.Tensor | None, rad: torch.Tensor) -
             tape.steps.append(('linear' if isinstance(op, LinearOp) else 'affine', op,
                                torch.zeros_like(x[:1]), size))
         else:
-            tape.steps.append(('relu', torch.ones_like(x[:1]), torch.zeros(3, 0, dtype=torch.long),
-                               None, torch.zeros(rad.shape[0], 0)))
+            tape.steps.append(('relu', torch.ones_like(x[:1]), None, None))
     return tape
 
 
@@ -126,17 +125,28 @@ def test_functionals_are_the_weighted_sums_of_the_cells(seed):
     shape, (k, height, width), cells, index = _setting(net, start)
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randint(-3, 4, (3, len(c)), generator=gen).float() for c in cells]
+    for w in weights:
+        w[0] = w[0].masked_fill(w[0] == 0, 1.0)  # every cell read (zero columns are padding)
+    # Padded to one cell count: the padding's zero weights are never read.
+    n = max(len(c) for c in cells)
+    flat = torch.zeros(k, n, dtype=torch.long)
+    padded = torch.zeros(k, 3, n)
+    for kk, (c, w) in enumerate(zip(cells, weights, strict=True)):
+        flat[kk, :len(c)] = torch.tensor([v * width + u for v, u in c])
+        padded[kk, :, :len(c)] = w
     mid = torch.randn(shape, dtype=torch.float64)
     tape = _linear_tape(net, start, mid.float(), torch.zeros(shape))
-    lo, hi = window_functionals(net, tape, (k, height, width), cells, weights)
-    assert lo.shape == (1, 9)
+    lo, hi = window_functionals(net, tape, (k, height, width), flat, padded)
+    assert lo.shape == (1, k, 3)
+    lo, hi = lo.flatten(1), hi.flatten(1)
     per_cell = _linear_map(net, start, mid.float().double()).flatten()[index]
     want = torch.cat([w.double() @ part for w, part in
                       zip(weights, per_cell.split([len(c) for c in cells]), strict=True)])
     torch.testing.assert_close((lo[0] + hi[0]) / 2, want, rtol=1e-4,
                                atol=1e-4 * float(want.abs().max()))
     tape = _linear_tape(net, start, None, torch.ones(shape))
-    lo, hi = window_functionals(net, tape, (k, height, width), cells, weights)
+    lo, hi = (t.flatten(1) for t in window_functionals(net, tape, (k, height, width), flat,
+                                                       padded))
     _, c_lo, c_hi = window_bands(net, tape, (k, height, width), cells)
     probe = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
     out = _linear_map(net, start, probe).flatten()[index].split([len(c) for c in cells])

@@ -506,6 +506,44 @@ def test_centroid_bounds_contain_sampled_readouts(readout, spread):
         assert float((bounds[..., 1] - bounds[..., 0]).max()) < w - 1
 
 
+@pytest.mark.parametrize('spread', [0.02, 0.3])
+def test_local_centroid_bounds_on_given_windows(spread):
+    """Windows found by the caller (spec.local_windows) and the forms on their cells only.
+
+    From the same forms: the same boxes, bit for bit. From forms that bound more (a box
+    holding the sub-boxes, here a wider radius: more candidates, a larger scale), the
+    readouts still read inside, on the sub-boxes' own forms at the windows' cells.
+    """
+    gen = torch.Generator().manual_seed(13)
+    n_box, k, h, w = 5, 2, 9, 14
+    centre, radius = _two_peak_forms(gen, n_box, k, h, w, spread)
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    grid = (gu.reshape(-1), gv.reshape(-1))
+
+    def on_windows(windows: spec.LocalWindows) -> torch.Tensor:
+        flat = windows.cells.flatten(2)
+        return local_centroid_bounds(spec._gather_many(centre, flat),
+                                     spec._gather_many(radius, flat), SUB_BOXES, grid,
+                                     windows=windows)
+
+    same = on_windows(spec.local_windows(centre, radius, SUB_BOXES, grid))
+    assert torch.equal(same, local_centroid_bounds(centre, radius, SUB_BOXES, grid))
+    wider = spec.local_windows(centre, radius * 2.0 + 0.25, SUB_BOXES, grid)
+    assert bool((wider.count >= spec.local_windows(centre, radius, SUB_BOXES, grid).count).all())
+    assert bool((wider.count > 1).any())
+    bounds = on_windows(wider)
+    thetas = _sample_thetas(SUB_BOXES, 32, gen)
+    for i in range(thetas.shape[1]):
+        for extreme in (-1.0, 1.0, 0.0):
+            noise = torch.rand(n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1
+            logits = form_at(centre, thetas[:, i]) + (extreme if extreme else noise) * radius[:, 0]
+            uv = local_centroid(logits.view(n_box, k, h, w))
+            assert bool(((uv[..., 0] >= bounds[..., 0]) & (uv[..., 0] <= bounds[..., 1])
+                         & (uv[..., 1] >= bounds[..., 2]) & (uv[..., 1] <= bounds[..., 3])
+                         ).all()), (spread, i)
+
+
 def test_first_cells_are_a_stable_sorts_first_cells():
     rng = torch.Generator().manual_seed(5)
     mask = torch.rand((3, 4, 50), generator=rng) < 0.2

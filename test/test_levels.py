@@ -338,6 +338,19 @@ def test_segment_leaves_take_the_same_arithmetic_as_merged_ones():
                                            off)
         for a, b in zip(fast, loop, strict=True):
             assert torch.equal(a, b)
+    # SegmentForms (a window's readout): the same forms on the cells asked for, and one
+    # leaf over the whole box as a group map of one leaf gives it.
+    forms = levels_module.SegmentForms(box, nodes, TAU, logits, radius, offset)
+    part, centre, rad = leaf_forms(box, nodes, TAU, logits, radius, None, offset)
+    assert torch.equal(forms.leaves(), part)
+    cells = torch.tensor([[6, 0, 3], [2, 2, 5]])
+    at = forms.at(cells)
+    index = cells[None, None].expand(5, -1, -1, -1)
+    assert torch.equal(at[0], centre.gather(3, index.expand(-1, 3, -1, -1)))
+    assert torch.equal(at[1], rad.gather(3, index))
+    hull = leaf_forms(box, nodes, TAU, logits, radius, 1, offset)
+    for a, b in zip(forms.hull(), hull, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize('leaves', [None, 1, 3])
@@ -418,6 +431,42 @@ def test_level_certificates_have_no_escapes(seed, side, readout):
             assert cert.stats['backward'] == (readout == 'local-centroid'
                                               and cert.stats['level_nodes'] > 0)
             assert_sound(det, image, box, cert, readout, grid=7)
+
+
+@pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright')])
+def test_window_readout_takes_each_segments_candidates_where_the_hulls_do_not_serve(
+        seed, side, monkeypatch):
+    # With the window's moments the segments' argmax candidates come from one leaf over the
+    # whole box, and their forms are computed on those windows only; where that leaf has
+    # too many candidates every segment finds its own on the whole heatmap. Both sound,
+    # and the same boxes up to the slack's scale (the hull's bounds the segments' from above).
+    import usn_perception.certify as certify_module
+
+    det = homogeneous_shallow(seed, 'local-centroid')
+    image = one_sided(seed, side)
+    budget = Budget(1, max_ms=1e6, level_work=10_000)
+    real, served = certify_module.local_windows, []
+
+    def seen(*args, **kwargs):
+        windows = real(*args, **kwargs)
+        served.append(bool(windows.few.all()))
+        return windows
+
+    monkeypatch.setattr(certify_module, 'local_windows', seen)
+    fast = certify_keypoints(det, image, NODE_BOX, backward=True, budget=budget)
+    assert served == [True]  # the hull's windows served every segment
+
+    def crowded(*args, **kwargs):
+        windows = real(*args, **kwargs)
+        return windows._replace(few=torch.zeros_like(windows.few))
+
+    monkeypatch.setattr(certify_module, 'local_windows', crowded)
+    slow = certify_keypoints(det, image, NODE_BOX, backward=True, budget=budget)
+    assert fast.stats['backward'] and slow.stats['backward']
+    assert fast.stats['leaves'] == slow.stats['leaves'] > 1
+    assert_sound(det, image, NODE_BOX, fast, 'local-centroid', grid=7)
+    assert_sound(det, image, NODE_BOX, slow, 'local-centroid', grid=7)
+    np.testing.assert_allclose(fast.boxes, slow.boxes, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize('readout', ['local-centroid', 'argmax'])

@@ -38,6 +38,7 @@ from usn_perception.bounds.spec import (
     argmax_bounds,
     centroid_bounds,
     local_centroid_bounds,
+    local_windows,
     soft_argmax_bounds,
 )
 from usn_perception.bounds.split import RefineResult, refine
@@ -286,11 +287,26 @@ class _Evaluator:
         self.unstable += mixed
         self.backward_ran = moments is not None
         # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
-        reach = tau_reach(part, free_radius(self.net, self.enc))[:, None]
+        reach_of = free_radius(self.net, self.enc)
+        reach = tau_reach(part, reach_of)[:, None]
         if moments is None:
             return part, READOUT_BOUNDS[self.readout](c, r + reach, part, self.grid)
-        # (the moments' forms are on the window cells only: the heatmap's largest reach)
-        moments = moments._replace(radius=moments.radius + reach.amax(-1, keepdim=True))
+        # The forms on window cells only (c: SegmentForms): the heatmap's largest reach.
+        spread = reach.amax(-1, keepdim=True)
+        moments = moments._replace(radius=moments.radius + spread)
+        # The segments' argmax candidates from one leaf over the whole box (a candidate
+        # anywhere in a segment is one over the box): the segments' forms on their windows.
+        hull, c_hull, r_hull = c.hull()
+        windows = local_windows(c_hull, r_hull + tau_reach(hull, reach_of)[:, None], hull,
+                                self.grid)
+        if bool(windows.few.all()):
+            windows = windows.expand(part.shape[0])
+            cells = windows.cells[0].flatten(1)  # (K, L·m)
+            c_w, r_w = c.at(cells)
+            r_w = r_w + reach.gather(3, cells.expand(*reach.shape[:2], -1, -1))
+            return part, local_centroid_bounds(c_w, r_w, part, self.grid, moments=moments,
+                                               windows=windows)
+        c, r = c.at()
         return part, local_centroid_bounds(c, r + reach, part, self.grid, moments=moments)
 
     def _propagate(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,13 +50,13 @@ BACKWARD_RELUS = 4
 
 @dataclass
 class BackwardTape:
-    """What the level pass records for :func:`window_bands` from the start ReLU on.
+    """What the level pass records for :func:`window_functionals` from the start ReLU on.
 
     ``start``: the rows' band (o, r) (R, C, H, W) after the start ReLU (o None: 0 ± r);
     ``steps``: per later op, in order, ``('linear' | 'affine', op, eps, (H_in, W_in))`` with
-    eps (1, C, H, W) the nodal values' rounding bound at its output, or ``('relu', keep,
-    positions, o, r)`` with keep (1, C, H, W) the on-mask, positions (3, n) the mixed
-    neurons' (channel, y, x) and o, r (R, n) their output bands (o None: 0).
+    eps (1, C, H, W) the nodal values' rounding bound at its output, or ``('relu', keep, o,
+    r)`` with keep (1, C, H, W) the on-mask and o, r (R, C, H, W) the output bands of the
+    mixed neurons, 0 on every other neuron (o None: 0; r None: no mixed neuron).
     """
 
     start: tuple[torch.Tensor | None, torch.Tensor] | None = None
@@ -139,103 +140,136 @@ def _alignment(adjoints: list[_Adjoint | None]) -> int | None:
     return None
 
 
-def _crops(full: torch.Tensor, oy: list[int], ox: list[int], h: int, w: int) -> torch.Tensor:
-    """(K, N·C, h, w) crops of ``full`` (N, C, H, W) at the K origins, zero outside it."""
-    n, c, height, width = full.shape
-    flat = full.reshape(1, n * c, height, width)
-    out = []
-    for y, x in zip(oy, ox, strict=True):
-        y0, y1, x0, x1 = max(y, 0), min(y + h, height), max(x, 0), min(x + w, width)
-        part = flat[:, :, y0:max(y0, y1), x0:max(x0, x1)]
-        if (y0, y1, x0, x1) != (y, y + h, x, x + w):
-            part = F.pad(part, (x0 - x, x + w - max(x0, x1), y0 - y, y + h - max(y0, y1)))
-        out.append(part)
-    return torch.cat(out)
+class _Crops:
+    """The K crops of one layer (H, W) at origins ``oy``, ``ox`` of size (h, w), as rows.
+
+    One index for every map cropped at the same place (the ReLU's mask and bands, a linear
+    op's rounding): a crop is one gather, in channels-last memory order (y, x, c), the order
+    of the cotangents' own memory. Cells off the layer read 0.
+    """
+
+    def __init__(self, oy: list[int], ox: list[int], h: int, w: int,
+                 size: tuple[int, int]) -> None:
+        height, width = size
+        # (a few hundred small indices: numpy builds them for a fraction of torch's overhead)
+        y = np.add.outer(oy, np.arange(h))  # (K, h)
+        x = np.add.outer(ox, np.arange(w))  # (K, w)
+        self.outside = None
+        if min(oy) < 0 or max(oy) + h > height or min(ox) < 0 or max(ox) + w > width:
+            inside = (((y >= 0) & (y < height))[:, :, None]
+                      & ((x >= 0) & (x < width))[:, None, :])
+            self.outside = torch.from_numpy(~inside.reshape(len(oy), 1, h * w, 1))
+            y, x = np.minimum(np.maximum(y, 0), height - 1), np.minimum(np.maximum(x, 0),
+                                                                        width - 1)
+        self.index = torch.from_numpy((y[:, :, None] * width + x[:, None, :]).reshape(-1))
+        self.k, self.hw, self.shape = len(oy), h * w, (h, w)
+
+    def rows(self, full: torch.Tensor) -> torch.Tensor:
+        """(K, n, h·w·C) crops of ``full`` (n, C, H, W), each row in (y, x, c) order."""
+        n, c = full.shape[:2]
+        flat = full.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view where channels-last
+        out = flat.index_select(1, self.index).view(n, self.k, self.hw, c).transpose(0, 1)
+        if self.outside is not None:
+            out = out.masked_fill(self.outside, 0.0)
+        return out.reshape(self.k, n, self.hw * c)
+
+    def image(self, full: torch.Tensor) -> torch.Tensor:
+        """(K, n, C, h, w) crops of ``full`` (n, C, H, W) (a view of :meth:`rows`)."""
+        n, c = full.shape[:2]
+        return self.rows(full).view(self.k, n, self.hw, c).transpose(2, 3).unflatten(
+            3, self.shape)
 
 
 def window_bands(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, int, int],
                  cells: list[list[tuple[int, int]]]) -> tuple | None:
     """Bounds of the logits' deviation at ``cells`` per row: (index (M,), lo (R, M), hi (R, M)).
 
-    ``index`` holds the cells' flat positions k·H·W + v·W + u in the (K, H, W) ``heatmap``;
-    lo and hi are float64 and hold for every θ of the row's segments. None when an op on the
-    way is unsupported or the crops cannot be aligned.
+    ``cells[k]`` lists keypoint k's (v, u) cells; ``index`` holds their flat positions
+    k·H·W + v·W + u in the (K, H, W) ``heatmap``; lo and hi are float64 and hold for every θ
+    of the row's segments (:func:`window_functionals` with one functional per cell).
     """
     k_kp, height, width = heatmap
-    weights = [torch.eye(len(c)) for c in cells]
-    out = window_functionals(net, tape, heatmap, cells, weights)
+    n = max(len(c) for c in cells)
+    flat = torch.zeros(k_kp, n, dtype=torch.long)
+    weights = torch.zeros(k_kp, n, n)
+    for k, c in enumerate(cells):
+        flat[k, :len(c)] = torch.tensor([v * width + u for v, u in c], dtype=torch.long)
+        weights[k, :len(c), :len(c)] = torch.eye(len(c))
+    out = window_functionals(net, tape, heatmap, flat, weights)
     if out is None:
         return None
-    index = torch.tensor([k * height * width + v * width + u
-                          for k, c in enumerate(cells) for v, u in c], dtype=torch.long)
-    return index, *out
+    real = torch.cat([torch.arange(len(c)) + k * n for k, c in enumerate(cells)])
+    index = torch.cat([flat[k, :len(c)] + k * height * width for k, c in enumerate(cells)])
+    lo, hi = (t.flatten(1)[:, real] for t in out)
+    return index, lo, hi
 
 
 def window_functionals(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[int, int, int],
-                       cells: list[list[tuple[int, int]]],
-                       weights: list[torch.Tensor]) -> tuple | None:
+                       cells: torch.Tensor, weights: torch.Tensor) -> tuple | None:
     """Bounds of linear functionals of the logits' deviation at each keypoint's ``cells``.
 
-    ``weights[k]`` (F_k, n_k) weighs keypoint k's cells; item f of keypoint k is
-    Σ_i weights[k][f, i]·δ(cells[k][i]) with δ the logits' deviation from the nodes'
-    interpolant. Returns float64 (lo, hi), each (R, ΣF_k), items keypoint by keypoint, that
-    hold for every θ of the row's segments; None when an op on the way is unsupported or the
-    crops cannot be aligned. One cotangent per item: a readout that needs only a few sums of
-    its window cells (the local centroid's moments) pays for those, not for every cell, and
-    the signs of the cells' errors cancel in the sum as they do in the network.
+    ``cells`` (K, S): flat positions v·W + u in keypoint k's (H, W) heatmap; ``weights``
+    (K, F, S): item f of keypoint k is Σ_i weights[k, f, i]·δ(cells[k, i]) with δ the logits'
+    deviation from the nodes' interpolant (a cell whose weights are all 0 is padding, never
+    read). Returns float64 (lo, hi), each (R, K, F), that hold for every θ of the row's
+    segments; None when an op on the way is unsupported or the crops cannot be aligned. One
+    cotangent per item: a readout that needs only a few sums of its window cells (the local
+    centroid's moments) pays for those, not for every cell, and the signs of the cells'
+    errors cancel in the sum as they do in the network.
     """
     start = start_index(net)
     adjoints = _adjoints(net, start)
-    if adjoints is None or tape.start is None or not all(cells):
+    if adjoints is None or tape.start is None:
         return None
     if len(tape.steps) != len(adjoints):
         raise ValueError('backward tape does not match the network')
     align = _alignment(adjoints)
     if align is None:
         return None
-    k_kp = heatmap[0]
+    k_kp, height, width = heatmap
+    per = weights.shape[1]
+    real = weights.ne(0).any(1)  # (K, S) the cells some item reads
+    if not bool(real.any(1).all()):
+        raise ValueError('every keypoint needs a cell with a nonzero weight')
+    v, u = cells // width, cells % width
     # Crop at the heatmap: aligned origins, a size that holds every keypoint's cells.
-    spans = [(min(v for v, _ in c), max(v for v, _ in c), min(u for _, u in c),
-              max(u for _, u in c)) for c in cells]
-    size_y = max(s[1] - s[0] for s in spans) + align
-    size_x = max(s[3] - s[2] for s in spans) + align
-    oy = [align * (s[0] // align) for s in spans]
-    ox = [align * (s[2] // align) for s in spans]
-    # Cotangents (K·F, K, size_y, size_x), channels-last, F items per keypoint (its
-    # functionals, then zero padding: every keypoint's items are one block of the batch); the
-    # float32 weights are taken as given (small integers here: exact).
-    counts = [int(w.shape[0]) for w in weights]
-    per = max(counts)
-    kp = torch.arange(k_kp).repeat_interleave(per)
-    # The |W|-chain a of each keypoint's cells together bounds every item's cotangent error,
-    # scaled by the item's largest weight.
+    big = height + width
+    v_lo, v_hi = v.masked_fill(~real, big).amin(1), v.masked_fill(~real, -1).amax(1)
+    u_lo, u_hi = u.masked_fill(~real, big).amin(1), u.masked_fill(~real, -1).amax(1)
+    size_y = int((v_hi - v_lo).max()) + align
+    size_x = int((u_hi - u_lo).max()) + align
+    oy = (align * (v_lo // align)).tolist()
+    ox = (align * (u_lo // align)).tolist()
+    # Cotangents (K·F, K, size_y, size_x), channels-last, F items per keypoint; the float32
+    # weights are taken as given (small integers here: exact). The |W|-chain a of each
+    # keypoint's cells together bounds every item's cotangent error, scaled by the item's
+    # largest weight.
+    kk, ii = real.nonzero(as_tuple=True)
+    cy = v[kk, ii] - torch.tensor(oy)[kk]
+    cx = u[kk, ii] - torch.tensor(ox)[kk]
+    item = kk[:, None] * per + torch.arange(per)
     g = torch.zeros(k_kp * per, size_y, size_x, k_kp, dtype=torch.float32)
+    g[item, cy[:, None], cx[:, None], kk[:, None]] = weights[kk, :, ii].float()
     a = torch.zeros(k_kp, size_y, size_x, k_kp)
-    for k, (c, w) in enumerate(zip(cells, weights, strict=True)):
-        cy = torch.tensor([v - oy[k] for v, _ in c])
-        cx = torch.tensor([u - ox[k] for _, u in c])
-        g[k * per:k * per + counts[k], cy, cx, k] = w.float()
-        a[k, cy, cx, k] = 1.0
-    g = g.permute(0, 3, 1, 2)  # channels-last (N, C, H, W) view
-    a = a.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    scale = torch.zeros(k_kp, per, dtype=torch.float64)
-    for k, w in enumerate(weights):
-        if w.numel():
-            scale[k, :counts[k]] = w.abs().amax(1).double()
-    acc = _Sums(k_kp, per, tape.start[1].shape[0], kp, scale.view(-1))
+    a[kk, cy, cx, kk] = 1.0
+    g = g.permute(0, 3, 1, 2)  # channels-last (N, C, H, W) views
+    a = a.permute(0, 3, 1, 2)
+    scale = weights.abs().amax(2).double().reshape(-1)  # each item's largest |weight|
+    acc = _Sums(k_kp, per, tape.start[1].shape[0], scale)
     kappa = 0.0
     for step, adj in zip(reversed(tape.steps), reversed(adjoints), strict=True):
         h, w = g.shape[-2:]
         if step[0] == 'relu':
-            _, keep, positions, mid, rad = step
-            if positions.shape[1]:
-                acc.mixed(g, a, positions, mid, rad, oy, ox)
-            mask = _crops(keep, oy, ox, h, w)  # (K, C, h, w)
-            _per_keypoint(g, k_kp).mul_(mask[:, None])
-            a = a.mul_(mask)
+            _, keep, mid, rad = step
+            crops = _Crops(oy, ox, h, w, keep.shape[-2:])
+            if rad is not None:
+                acc.add(g, a, None if mid is None else crops.rows(mid), crops.rows(rad))
+            mask = crops.image(keep)  # (K, 1, C, h, w)
+            _per_keypoint(g, k_kp).mul_(mask)
+            a = a.mul_(mask[:, 0])
             continue
         _, _, eps, in_size = step
-        acc.add(g, a, None, _crops(eps, oy, ox, h, w))
+        acc.add(g, a, None, _Crops(oy, ox, h, w, eps.shape[-2:]).rows(eps))
         g, a, oy, ox, valid = _adjoint_step(adj, g, a, oy, ox, in_size)
         kappa = (1.0 + kappa) * (1.0 + adj.gamma) - 1.0
         if valid is not None:
@@ -243,10 +277,10 @@ def window_functionals(net: CompiledNetwork, tape: BackwardTape, heatmap: tuple[
             a = a.mul_(valid)
     h, w = g.shape[-2:]
     mid, rad = tape.start
-    acc.add(g, a, None if mid is None else _crops(mid, oy, ox, h, w), _crops(rad, oy, ox, h, w))
+    crops = _Crops(oy, ox, h, w, rad.shape[-2:])
+    acc.add(g, a, None if mid is None else crops.rows(mid), crops.rows(rad))
     lo, hi = acc.result(kappa)
-    real = torch.cat([torch.arange(counts[k]) + k * per for k in range(k_kp)])
-    return lo[:, real], hi[:, real]
+    return lo.view(-1, k_kp, per), hi.view(-1, k_kp, per)
 
 
 def _per_keypoint(g: torch.Tensor, k_kp: int) -> torch.Tensor:
@@ -259,12 +293,6 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
-def _band_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """(K, R·C, h, w) band crops → (K, R, h·w·C): each row's values in channels-last order."""
-    k, _, h, w = t.shape
-    return t.reshape(k, rows, -1, h, w).permute(0, 1, 3, 4, 2).reshape(k, rows, -1)
-
-
 class _Sums:
     """The bound's running sums per item and row: Σ g·mid, Σ |g|·rad, and the magnitudes.
 
@@ -273,9 +301,8 @@ class _Sums:
     are one batch of matrix products).
     """
 
-    def __init__(self, k_kp: int, per: int, rows: int, kp: torch.Tensor,
-                 scale: torch.Tensor) -> None:
-        self.k_kp, self.per, self.rows, self.kp = k_kp, per, rows, kp
+    def __init__(self, k_kp: int, per: int, rows: int, scale: torch.Tensor) -> None:
+        self.k_kp, self.per, self.rows = k_kp, per, rows
         self.scale = scale  # each item's largest |weight|
         self.centre = torch.zeros(k_kp, per, rows, dtype=torch.float32)
         self.spread = torch.zeros(k_kp, per, rows, dtype=torch.float32)
@@ -284,42 +311,16 @@ class _Sums:
 
     def add(self, g: torch.Tensor, a: torch.Tensor, mid: torch.Tensor | None,
             rad: torch.Tensor) -> None:
-        """Every neuron of the crops against its band: mid, rad (K, R·C or C, h, w)."""
+        """Every neuron of the crops against its band: mid, rad (K, R or 1, h·w·C) crops."""
         gf = _memory_order(g).view(self.k_kp, self.per, -1)  # g, a are channels-last
         af = _memory_order(a)[:, None]  # (K, 1, n)
-        rows = rad.shape[1] // g.shape[1]
-        rad_k = _band_rows(rad, rows)  # (K, R', n)
-        self.spread.add_(torch.bmm(gf.abs(), rad_k.transpose(1, 2)))
-        size = rad_k.double()
-        if mid is not None:
-            mid_k = _band_rows(mid, rows)
-            self.centre.add_(torch.bmm(gf, mid_k.transpose(1, 2)))
-            size = size + mid_k.double().abs()
-        self.mag.add_(torch.bmm(af.double(), size.transpose(1, 2)))
-        self.terms = max(self.terms, gf.shape[2])
-
-    def mixed(self, g: torch.Tensor, a: torch.Tensor, positions: torch.Tensor,
-              mid: torch.Tensor | None, rad: torch.Tensor, oy: list[int],
-              ox: list[int]) -> None:
-        """The mixed neurons at ``positions`` (3, n) against their bands mid, rad (R, n)."""
-        c, y, x = positions
-        ch, h, w = g.shape[1:]
-        ry = y[None] - torch.tensor(oy)[:, None]  # (K, n)
-        rx = x[None] - torch.tensor(ox)[:, None]
-        inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
-        if not bool(inside.any()):
-            return
-        flat = torch.where(inside, (ry * w + rx) * ch + c[None], 0)  # channels-last order
-        gf = _memory_order(g)
-        gm = gf.gather(1, flat.index_select(0, self.kp)) * inside.index_select(0, self.kp)
-        am = _memory_order(a).gather(1, flat) * inside
-        self.spread.view(-1, self.rows).add_(gm.abs() @ rad.t())
+        self.spread.add_(torch.bmm(gf.abs(), rad.transpose(1, 2)))
         size = rad.double()
         if mid is not None:
-            self.centre.view(-1, self.rows).add_(gm @ mid.t())
+            self.centre.add_(torch.bmm(gf, mid.transpose(1, 2)))
             size = size + mid.double().abs()
-        self.mag[:, 0].add_(am.double() @ size.t())
-        self.terms = max(self.terms, gm.shape[1])
+        self.mag.add_(torch.bmm(af.double(), size.transpose(1, 2)))
+        self.terms = max(self.terms, gf.shape[2])
 
     def result(self, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) (R, B) float64, every rounding included (module docstring)."""
@@ -374,5 +375,5 @@ def _adjoint_step(adj: _Adjoint, g: torch.Tensor, a: torch.Tensor, oy: list[int]
     if all(0 <= y and y + h <= in_size[0] for y in oy) and all(
             0 <= x and x + w <= in_size[1] for x in ox):
         return g, a, oy, ox, None  # every crop inside the layer
-    valid = _crops(torch.ones(1, 1, *in_size, dtype=g.dtype), oy, ox, h, w)
-    return g, a, oy, ox, valid
+    valid = _Crops(oy, ox, h, w, in_size).image(torch.ones(1, 1, *in_size, dtype=g.dtype))
+    return g, a, oy, ox, valid[:, 0]

@@ -601,37 +601,30 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     live = inside & ((upper.flatten()[flat] > 0) | ((du == 0) & (dv == 0)))
     stable = live & (lower.flatten()[flat] > 0)
     mixed = live & ~stable
-    # Per keypoint the stable cells (three moments' weights), then the others (one each).
+    # Per keypoint three moments over its stable cells, then one item per other cell.
     coef = torch.stack([torch.ones_like(du, dtype=torch.float32).expand(k_kp, -1),
                         du - anchor[:, :1].float(), dv - anchor[:, 1:].float()], 1)  # (K, 3, m)
-    cells, weights = [], []
-    for k in range(k_kp):
-        st, mx = stable[k], mixed[k]
-        n_st, n_mx = int(st.sum()), int(mx.sum())
-        w = torch.zeros(3 + n_mx, n_st + n_mx)
-        w[:3, :n_st] = coef[k][:, st]
-        w[3:, n_st:] = torch.eye(n_mx)
-        cells.append(list(zip(torch.cat([v[k][st], v[k][mx]]).tolist(),
-                              torch.cat([u[k][st], u[k][mx]]).tolist(), strict=True)))
-        weights.append(w)
-    out = window_functionals(net, tape, (k_kp, height, width), cells, weights)
+    rank = mixed.cumsum(1) - 1  # each mixed cell's item among its keypoint's, from 0
+    per = 3 + int(mixed.sum(1).max())
+    weights = torch.zeros(k_kp, per, v.shape[1])
+    weights[:, :3] = coef * stable[:, None]
+    kk, ii = mixed.nonzero(as_tuple=True)
+    weights[kk, 3 + rank[kk, ii], ii] = 1.0
+    out = window_functionals(net, tape, (k_kp, height, width), flat - (
+        torch.arange(k_kp)[:, None] * height * width), weights)
     if out is None:
         return None
-    f_lo, f_hi = out  # (R, Σ items): per keypoint its three moments, then its mixed cells
-    first = torch.tensor([0, *[w.shape[0] for w in weights]]).cumsum(0)
-    sums = (first[:-1, None] + torch.arange(3)).reshape(-1)
-    if bool(mixed.any()):
-        index = flat[mixed]
-        items = torch.cat([torch.arange(3, w.shape[0]) + first[k]
-                           for k, w in enumerate(weights)])
-        b_lo = torch.maximum(lo[:, index], f_lo[:, items])
-        b_hi = torch.minimum(hi[:, index], f_hi[:, items])
+    f_lo, f_hi = out  # (R, K, F): per keypoint its three moments, then its mixed cells
+    if kk.numel():
+        index = flat[kk, ii]
+        b_lo = torch.maximum(lo[:, index], f_lo[:, kk, 3 + rank[kk, ii]])
+        b_hi = torch.minimum(hi[:, index], f_hi[:, kk, 3 + rank[kk, ii]])
         if bool((b_lo > b_hi).any()):  # two sound bounds of one deviation must meet
             raise RuntimeError('internal soundness check failed: a backward window band '
                                'misses the rows\' band')
         lo[:, index], hi[:, index] = b_lo, b_hi
     rows = f_lo.shape[0]
-    m_lo, m_hi = f_lo[:, sums].view(rows, k_kp, 3), f_hi[:, sums].view(rows, k_kp, 3)
+    m_lo, m_hi = f_lo[:, :, :3], f_hi[:, :, :3]
     # The rows' bands bound the same sums (Σ of each term's extreme): never wider than that.
     at, kp = flat[stable], stable.nonzero()[:, 0]
     terms = coef.double().permute(1, 0, 2)[:, stable][None]  # (1, 3, M)
@@ -668,17 +661,16 @@ def _rounding_step(op: LinearOp | AffineOp, m: torch.Tensor, unit: float,
 
 def _relu_step(record: dict, d: torch.Tensor, o: torch.Tensor | None,
                r: torch.Tensor) -> tuple:
-    """A tape step for :mod:`.backward`: a ReLU's on-mask and its mixed neurons' bands o ± r."""
-    last = _channels_last(d)
-    keep = _unrows(record['keep'][None], d[:1], last)
-    mixed = record['mixed']
-    _, c, h, w = d.shape
-    if last:  # memory order (y, x, c)
-        positions = torch.stack([mixed % c, mixed // (c * w), (mixed // c) % w])
-    else:
-        positions = torch.stack([mixed // (h * w), (mixed // w) % h, mixed % w])
-    mid = None if o is None else _rows(o, last).index_select(1, mixed)
-    return ('relu', keep, positions, mid, _rows(r, last).index_select(1, mixed))
+    """A tape step for :mod:`.backward`: a ReLU's on-mask and its mixed neurons' bands o ± r.
+
+    The new band is 0 on an off neuron and the old one on an on neuron: off the on-mask it
+    is the mixed neurons' own.
+    """
+    keep = _unrows(record['keep'][None], d[:1], _channels_last(d))
+    if not record['mixed'].numel():
+        return ('relu', keep, None, None)
+    other = 1.0 - keep
+    return ('relu', keep, None if o is None else o * other, r * other)
 
 
 def leaf_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: torch.Tensor,
@@ -777,6 +769,54 @@ def _segment_forms(box: torch.Tensor, nodes: torch.Tensor, axis: int, logits: to
     return out, centre, rad[:, None]
 
 
+class SegmentForms(NamedTuple):
+    """Every clip segment its own leaf, its forms computed on the cells a readout reads.
+
+    A readout that reads a few cells per keypoint (the local centroid's windows) needs the
+    segments' forms there only, and one leaf over the whole box (:meth:`hull`) to find
+    which cells those are. ``logits`` (G, K, P) nodal, ``radius`` and ``offset`` (G − 1, K, P)
+    each segment's band, as :func:`leaf_forms` takes them.
+    """
+
+    box: torch.Tensor
+    nodes: torch.Tensor
+    axis: int
+    logits: torch.Tensor
+    radius: torch.Tensor
+    offset: torch.Tensor
+
+    def leaves(self) -> torch.Tensor:
+        """(G − 1, 4) the segments' sub-boxes."""
+        out = self.box.reshape(1, 4).repeat(self.nodes.shape[0] - 1, 1)
+        out[:, 2 * self.axis] = self.nodes[:-1]
+        out[:, 2 * self.axis + 1] = self.nodes[1:]
+        return out
+
+    def at(self, cells: torch.Tensor | None = None, *,
+           band: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre (G − 1, 3, K, S) and radius (G − 1, 1, K, S) forms at ``cells`` (K, S).
+
+        ``cells`` None: every cell. ``band`` False: the interpolant's own forms, without the
+        segments' bands (what backward moments add to).
+        """
+        logits, radius, offset = self.logits, self.radius, self.offset
+        if cells is not None:
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t.gather(2, cells[None].expand(t.shape[0], -1, -1))
+
+            logits = pick(logits)
+            radius, offset = (pick(radius), pick(offset)) if band else (None, None)
+        if not band:
+            radius, offset = torch.zeros_like(logits[1:]), None
+        return _segment_forms(self.box, self.nodes, self.axis, logits, radius, offset)[1:]
+
+    def hull(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One leaf over the whole box: (box (1, 4), centre (1, 3, K, P), radius (1, 1, K, P))."""
+        group = torch.zeros(self.nodes.shape[0] - 1, dtype=torch.long)
+        return _merged_forms(self.box, self.nodes, self.axis, self.logits, self.radius, group,
+                             self.offset)
+
+
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  leaves: int | torch.Tensor | None = None, *,
                  nodes: torch.Tensor | None = None,
@@ -789,7 +829,8 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     Returns (leaves, centre forms, radii, mixed count, the window's
     :class:`~.spec.WindowMoments` or None). With the moments every segment is its own leaf:
     the interpolant is exact on it, and the rows' bands, which make merged leaves no worse,
-    no longer bound the window.
+    no longer bound the window; its forms then come as :class:`SegmentForms`, computed on
+    the cells the readout reads (the radii None).
 
     The network runs once per distinct input (:func:`evaluation_points`); a node beyond the
     present values takes its point's logits, and a segment between two such nodes (constant
@@ -832,7 +873,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     peak, anchor, stable, m_lo, m_hi = moments
     m_lo = torch.where(live, m_lo[seg], torch.minimum(m_lo[before], m_lo[seg]))
     m_hi = torch.where(live, m_hi[seg], torch.maximum(m_hi[before], m_hi[seg]))
-    part, c, r = leaf_forms(box, nodes, axis, logits[index], per_segment, None, per_offset)
+    forms = SegmentForms(box, nodes, axis, logits[index], per_segment, per_offset)
     # The interpolant's own forms (no band) on the window cells, row-major around each peak
     # (cells off the heatmap take a clamped one: never stable, never used).
     side = int(round(stable.shape[1] ** 0.5))
@@ -841,7 +882,6 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     v = (peak // width)[:, None, None] + off[None, :, None]
     u = (peak % width)[:, None, None] + off[None, None, :]
     cells = (v.clamp(0, height - 1) * width + u.clamp(0, width - 1)).view(peak.shape[0], -1)
-    nodal = logits[index].gather(2, cells[None].expand(index.shape[0], -1, -1))
-    _, c_exact, r_exact = _segment_forms(box, nodes, axis, nodal, torch.zeros_like(nodal[1:]),
-                                         None)
-    return part, c, r, mixed, WindowMoments(peak, anchor, stable, m_lo, m_hi, c_exact, r_exact)
+    c_exact, r_exact = forms.at(cells, band=False)
+    return forms.leaves(), forms, None, mixed, WindowMoments(peak, anchor, stable, m_lo, m_hi,
+                                                             c_exact, r_exact)

@@ -436,30 +436,45 @@ def _intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 LOCAL_CANDIDATES = 16
 
 
-def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
-                          grid: tuple[torch.Tensor, torch.Tensor],
-                          window: int = LOCAL_RADIUS,
-                          moments: WindowMoments | None = None) -> torch.Tensor:
-    """(N, K, 4) box in heatmap cells bounding the ``local-centroid`` readout per sub-box.
+class LocalWindows(NamedTuple):
+    """Each keypoint's argmax candidates and their local-centroid windows, per sub-box.
 
-    For every θ the readout is the relu centre of mass of the window around *some* cell p
-    that may be the argmax (:func:`possible_argmax`). For each such p the window's centroid
-    is bounded over the whole sub-box by the threshold scan of :func:`centroid_bounds` on
-    the window's cells, in coordinates relative to p (so every window shares one grid), and p
-    itself is joined where the window's mass may vanish. The certificate is the hull over
-    the candidates. With more than :data:`LOCAL_CANDIDATES` candidates it is the candidates'
-    bounding box grown by ``window`` cells (every window centroid lies in its window).
+    ``count``, ``few`` (N, K): the candidates, and whether they are at most
+    :data:`LOCAL_CANDIDATES`; ``cand``, ``valid`` (N, K, L): the first L candidates' flat cells
+    (padding flagged invalid, and all of a row without ``few``); ``grown`` (N, K, 4): the
+    candidates' box grown by the window, clipped to the heatmap; ``cells``, ``inside``
+    (N, K, L, m): each candidate's window cells, row-major (0 where off the heatmap);
+    ``scale`` (N, K, 1): the heatmap's largest logit magnitude (the rounding slack's scale).
+    """
 
-    With ``moments`` the window of a sub-box whose only candidate is the keypoint's
-    reference argmax takes its stable cells as the interpolant's forms plus the moments'
-    bounds (:class:`WindowMoments`), where every one of those cells is positive over the
-    whole sub-box; the other windows are bounded as without.
+    count: torch.Tensor
+    few: torch.Tensor
+    cand: torch.Tensor
+    valid: torch.Tensor
+    grown: torch.Tensor
+    cells: torch.Tensor
+    inside: torch.Tensor
+    scale: torch.Tensor
+
+    def expand(self, n: int) -> LocalWindows:
+        """The same windows for ``n`` sub-boxes (from one: a box holding all of them)."""
+        return LocalWindows(*(t.expand(n, *t.shape[1:]) for t in self))
+
+
+def local_windows(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                  grid: tuple[torch.Tensor, torch.Tensor], window: int = LOCAL_RADIUS,
+                  ranges: LogitRanges | None = None) -> LocalWindows:
+    """The local-centroid readout's windows per sub-box: around every possible argmax.
+
+    Candidates found over a box are candidates over every box inside it, so the windows of
+    a box that holds several sub-boxes serve each of them (:meth:`LocalWindows.expand`),
+    with the heatmap's scale bounded over the larger box too.
     """
     gu, gv = grid
     width = int(gu.max().item()) + 1
     height = int(gv.max().item()) + 1
-    ranges = logit_ranges(centre, radius, boxes)
-    mag = ranges.mag
+    if ranges is None:
+        ranges = logit_ranges(centre, radius, boxes)
     possible = possible_argmax(centre, radius, boxes, ranges=ranges)  # (N, K, n)
     count = possible.sum(-1)  # (N, K)
     few = count <= LOCAL_CANDIDATES
@@ -475,26 +490,70 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
                          (cand_box[..., 1] + window).clamp(max=width - 1),
                          (cand_box[..., 2] - window).clamp(min=0),
                          (cand_box[..., 3] + window).clamp(max=height - 1)], -1)
-    if not bool(few.any()):
-        return grown
     valid = valid & few[..., None]
     off = torch.arange(-window, window + 1, device=centre.device)
     dv, du = torch.meshgrid(off, off, indexing='ij')
-    du, dv = du.reshape(-1), dv.reshape(-1)  # (m,) row-major window offsets
-    wu = pu[..., None] + du
-    wv = pv[..., None] + dv
-    inside = (wu >= 0) & (wu < width) & (wv >= 0) & (wv < height)  # (N, K, L, m)
+    wu = pu[..., None] + du.reshape(-1)  # (N, K, L, m): row-major window offsets
+    wv = pv[..., None] + dv.reshape(-1)
+    inside = (wu >= 0) & (wu < width) & (wv >= 0) & (wv < height)
     cells = torch.where(inside, wv * width + wu, 0)
+    return LocalWindows(count, few, cand, valid, grown, cells, inside,
+                        ranges.mag.amax(-1, keepdim=True))
+
+
+def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
+                          grid: tuple[torch.Tensor, torch.Tensor],
+                          window: int = LOCAL_RADIUS,
+                          moments: WindowMoments | None = None,
+                          windows: LocalWindows | None = None) -> torch.Tensor:
+    """(N, K, 4) box in heatmap cells bounding the ``local-centroid`` readout per sub-box.
+
+    For every θ the readout is the relu centre of mass of the window around *some* cell p
+    that may be the argmax (:func:`possible_argmax`). For each such p the window's centroid
+    is bounded over the whole sub-box by the threshold scan of :func:`centroid_bounds` on
+    the window's cells, in coordinates relative to p (so every window shares one grid), and p
+    itself is joined where the window's mass may vanish. The certificate is the hull over
+    the candidates. With more than :data:`LOCAL_CANDIDATES` candidates it is the candidates'
+    bounding box grown by ``window`` cells (every window centroid lies in its window).
+
+    With ``moments`` the window of a sub-box whose only candidate is the keypoint's
+    reference argmax takes its stable cells as the interpolant's forms plus the moments'
+    bounds (:class:`WindowMoments`), where every one of those cells is positive over the
+    whole sub-box; the other windows are bounded as without.
+
+    ``windows`` (:func:`local_windows`, computed by the caller, e.g. once over a box that holds
+    every sub-box): then ``centre`` and ``radius`` are the forms on ``windows.cells`` only,
+    (N, 3, K, L·m) and (N, 1, K, L·m), and the whole heatmap is never read.
+    """
+    if windows is None:
+        ranges = logit_ranges(centre, radius, boxes)
+        windows = local_windows(centre, radius, boxes, grid, window, ranges)
+        if not bool(windows.few.any()):
+            return windows.grown
+        flat = windows.cells.flatten(2)  # (N, K, L·m)
+        centre, radius = _gather_many(centre, flat), _gather_many(radius, flat)
+        low, mag_w = ranges.lo.gather(2, flat), ranges.mag.gather(2, flat)
+    else:
+        if not bool(windows.few.any()):
+            return windows.grown
+        if windows.cells.shape[-1] != (2 * window + 1) ** 2:
+            raise ValueError(f'windows of {windows.cells.shape[-1]} cells are not the '
+                             f'{2 * window + 1}x{2 * window + 1} window')
+        low, _, mag_w = logit_ranges(centre, radius, boxes)[1:]
+    count, few, cand, valid, grown, cells, inside, scale = windows
+    gu, gv = grid
+    width = int(gu.max().item()) + 1
+    pu, pv = cand % width, cand // width
+    off = torch.arange(-window, window + 1, device=centre.device)
+    dv, du = torch.meshgrid(off, off, indexing='ij')
+    du, dv = du.reshape(-1), dv.reshape(-1)  # (m,) row-major window offsets
     n_rows, k_kp, n_l, m = cells.shape
     # The relu weights are per cell: bound them on the window cells only.
-    flat = cells.reshape(n_rows, k_kp, n_l * m)
-    mag_w, scale = mag.gather(2, flat), mag.amax(-1, keepdim=True)
-    weights = _relu_weight_corners(_gather_many(centre, flat), _gather_many(radius, flat), boxes,
-                                   mag_w, scale)
+    weights = _relu_weight_corners(centre, radius, boxes, mag_w, scale)
     extra = mass = None
     if moments is not None:
-        stable = _moment_cells(moments, ranges.lo.gather(2, flat) - LOGIT_SLACK * (mag_w + scale),
-                               count, cand, inside, few)
+        stable = _moment_cells(moments, low - LOGIT_SLACK * (mag_w + scale), count, cand,
+                               inside, few)
         use = stable.any(-1).any(-1)  # (N, K): windows that take the moments
         if bool(use.any()):
             # The moments' window is the first candidate's (the only one where used).
