@@ -33,6 +33,7 @@ from usn_perception.bounds.levels import (
     radius_groups,
     reference_unclipped,
 )
+from usn_perception.bounds.spec import logit_ranges
 from usn_perception.bounds.thresholds import carve_free, threshold_row
 from usn_perception.certify import (
     LEAF_WORK,
@@ -348,9 +349,15 @@ def test_segment_leaves_take_the_same_arithmetic_as_merged_ones():
     index = cells[None, None].expand(5, -1, -1, -1)
     assert torch.equal(at[0], centre.gather(3, index.expand(-1, 3, -1, -1)))
     assert torch.equal(at[1], rad.gather(3, index))
-    hull = leaf_forms(box, nodes, TAU, logits, radius, 1, offset)
-    for a, b in zip(forms.hull(), hull, strict=True):
-        assert torch.equal(a, b)
+    # The hull holds every segment's range (its readout's candidates are the segments').
+    hull_box, hull_c, hull_r = forms.hull()
+    assert torch.equal(hull_box, box[None])
+    hull = logit_ranges(hull_c, hull_r, hull_box)
+    each = logit_ranges(centre, rad, part)
+    slop = 1e-12  # (each side rounds outward by its own few ulps)
+    assert bool((hull.lo[0] <= each.lo + slop).all() and (hull.hi[0] >= each.hi - slop).all())
+    # ... and not much more: the widest segment's band is the hull's least width.
+    assert bool((hull.hi - hull.lo <= (each.hi.amax(0) - each.lo.amin(0)) * 1.5 + 1e-12).all())
 
 
 @pytest.mark.parametrize('leaves', [None, 1, 3])

@@ -289,25 +289,28 @@ class _Evaluator:
         # The nodes leave out the input's − τ, which moves the logits by ≤ |τ|·R (bounds.free).
         reach_of = free_radius(self.net, self.enc)
         reach = tau_reach(part, reach_of)[:, None]
+        # The leaves' forms are constant along the idle threshold: the readout bounds them
+        # on leaves flat there (two corners each instead of four, the same values).
+        flat = _flat_along(part, 1 - plan.axis)
         if moments is None:
-            return part, READOUT_BOUNDS[self.readout](c, r + reach, part, self.grid)
+            return part, READOUT_BOUNDS[self.readout](c, r + reach, flat, self.grid)
         # The forms on window cells only (c: SegmentForms): the heatmap's largest reach.
         spread = reach.amax(-1, keepdim=True)
         moments = moments._replace(radius=moments.radius + spread)
         # The segments' argmax candidates from one leaf over the whole box (a candidate
         # anywhere in a segment is one over the box): the segments' forms on their windows.
         hull, c_hull, r_hull = c.hull()
-        windows = local_windows(c_hull, r_hull + tau_reach(hull, reach_of)[:, None], hull,
-                                self.grid)
+        windows = local_windows(c_hull, r_hull + tau_reach(hull, reach_of)[:, None],
+                                _flat_along(hull, 1 - plan.axis), self.grid)
         if bool(windows.few.all()):
             windows = windows.expand(part.shape[0])
             cells = windows.cells[0].flatten(1)  # (K, L·m)
             c_w, r_w = c.at(cells)
             r_w = r_w + reach.gather(3, cells.expand(*reach.shape[:2], -1, -1))
-            return part, local_centroid_bounds(c_w, r_w, part, self.grid, moments=moments,
+            return part, local_centroid_bounds(c_w, r_w, flat, self.grid, moments=moments,
                                                windows=windows)
         c, r = c.at()
-        return part, local_centroid_bounds(c, r + reach, part, self.grid, moments=moments)
+        return part, local_centroid_bounds(c, r + reach, flat, self.grid, moments=moments)
 
     def _propagate(self, part: torch.Tensor, relu: str, deadline: float | None) -> tuple:
         """Output forms (C (n, 3, K, P), R (n, kr, K, P)) of the network on sub-boxes ``part``."""
@@ -708,6 +711,13 @@ def certify_keypoints(
                  unstable_relus=evaluate.unstable, float32_fallbacks=evaluate.float32_fallbacks,
                  ms=(time.perf_counter() - t0) * 1000.0)
     return cert
+
+
+def _flat_along(boxes: torch.Tensor, axis: int) -> torch.Tensor:
+    """(N, 4) ``boxes`` made a point along ``axis`` (0: τ, 1: κ): its lower end."""
+    out = boxes.clone()
+    out[:, 2 * axis + 1] = out[:, 2 * axis]
+    return out
 
 
 def _bound_levels(evaluate: _Evaluator, plan: _LevelPlan,

@@ -71,11 +71,29 @@ def form_at(form: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return form[:, 0] + form[:, 1] * theta[:, 0].view(view) + form[:, 2] * theta[:, 1].view(view)
 
 
-def form_corners(form: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Values at the four corners of each sub-box: ``(N, 4, *shape)``."""
+def corner_columns(boxes: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The box columns whose pairs are the distinct corners of every box (α's, then β's).
+
+    Both ends of an axis, or one where every box is flat along it (a one-threshold level
+    leaf, a point θ): its two ends there are one corner.
+    """
+    a_cols = (0,) if bool((boxes[:, 0] == boxes[:, 1]).all()) else (0, 1)
+    b_cols = (2,) if bool((boxes[:, 2] == boxes[:, 3]).all()) else (2, 3)
+    return a_cols, b_cols
+
+
+def form_corners(form: torch.Tensor, boxes: torch.Tensor,
+                 columns: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> torch.Tensor:
+    """Values at the distinct corners of each sub-box: ``(N, C, *shape)``.
+
+    C = 4, or fewer where every box is flat along an axis (:func:`corner_columns`; a maximum
+    or a test over the corners is the same). ``columns``: take these corners instead (another
+    box's, e.g. the box that ``boxes`` is the absolute value of).
+    """
+    a_cols, b_cols = corner_columns(boxes) if columns is None else columns
     out = []
-    for a_col in (0, 1):
-        for b_col in (2, 3):
+    for a_col in a_cols:
+        for b_col in b_cols:
             theta = torch.stack([boxes[:, a_col], boxes[:, b_col]], 1)
             out.append(form_at(form, theta))
     return torch.stack(out, 1)

@@ -68,7 +68,6 @@ from usn_perception.bounds.propagate import BudgetExceeded
 from usn_perception.bounds.rounding import TINY, U32, U64, all_finite, gamma
 from usn_perception.bounds.spec import WindowMoments
 from usn_perception.bounds.thresholds import present_range
-from usn_perception.readout import local_centroid
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
 TAU, KAPPA = 0, 1
@@ -586,18 +585,22 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     k_kp, height, width = reference.shape
     peak = reference.reshape(k_kp, -1).argmax(1)
     pu, pv = peak % width, peak // width
-    # The moments' anchor: the reference's own centroid offset, on a grid of 1/64 so that
-    # the weights Δ − anchor are exact in float32.
-    centroid = local_centroid(reference[None], window)[0]  # (K, 2) (u, v)
-    anchor = torch.round((centroid - torch.stack([pu, pv], 1).to(centroid.dtype)) * 64.0) / 64.0
-    # The window's cells, row-major around each peak: those that may be positive (a relu
-    # weight of 0 needs no bound), and the peak.
+    # The window's cells, row-major around each peak.
     off = torch.arange(-window, window + 1)
     dv, du = (t.reshape(-1) for t in torch.meshgrid(off, off, indexing='ij'))
     v, u = pv[:, None] + dv, pu[:, None] + du  # (K, m)
     inside = (v >= 0) & (v < height) & (u >= 0) & (u < width)
     flat = (torch.arange(k_kp)[:, None] * height + v.clamp(0, height - 1)) * width + (
         u.clamp(0, width - 1))
+    # The moments' anchor: the reference's own local-centroid offset from its peak (any
+    # anchor is sound; the scan's thresholds end up near this one), on a grid of 1/64 so
+    # that the weights Δ − anchor are exact in float32.
+    mass = reference.flatten()[flat].clamp(min=0.0) * inside  # (K, m)
+    total = mass.sum(1, keepdim=True)
+    offset = torch.stack([mass @ du.to(mass.dtype), mass @ dv.to(mass.dtype)], 1)
+    offset = torch.where(total > 0, offset / torch.where(total > 0, total, 1.0), 0.0)
+    anchor = torch.round(offset * 64.0) / 64.0
+    # Those that may be positive (a relu weight of 0 needs no bound), and the peak.
     live = inside & ((upper.flatten()[flat] > 0) | ((du == 0) & (dv == 0)))
     stable = live & (lower.flatten()[flat] > 0)
     mixed = live & ~stable
@@ -811,10 +814,22 @@ class SegmentForms(NamedTuple):
         return _segment_forms(self.box, self.nodes, self.axis, logits, radius, offset)[1:]
 
     def hull(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One leaf over the whole box: (box (1, 4), centre (1, 3, K, P), radius (1, 1, K, P))."""
-        group = torch.zeros(self.nodes.shape[0] - 1, dtype=torch.long)
-        return _merged_forms(self.box, self.nodes, self.axis, self.logits, self.radius, group,
-                             self.offset)
+        """One constant leaf over the whole box: (box (1, 4), centre (1, 3, K, P), radius).
+
+        On a segment a logit is its nodes' interpolant, between their values, plus a
+        deviation in the segment's band: over the box it lies between the least node value
+        plus the lowest band side and the largest plus the highest (rounded outward). Enough
+        to find the argmax candidates of every segment (a peak clear of the rest over the
+        whole box), at a fraction of a chord leaf's cost.
+        """
+        lo = self.logits.amin(0) + (self.offset - self.radius).amin(0)
+        hi = self.logits.amax(0) + (self.offset + self.radius).amax(0)
+        slop = (self.logits.abs().amax(0) + (self.offset.abs() + self.radius).amax(0)) * (
+            16.0 * U64)
+        centre = lo.new_zeros((1, 3, *lo.shape))
+        centre[0, 0] = 0.5 * (hi + lo)
+        radius = ((0.5 * (hi - lo) + slop) * (1.0 + 4.0 * U64) + 1e-300)[None, None]
+        return self.box.reshape(1, 4), centre, radius
 
 
 def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,

@@ -27,6 +27,7 @@ import torch
 
 from usn_perception.bounds.forms import (
     box_view,
+    corner_columns,
     form_at,
     form_corners,
     form_range,
@@ -244,10 +245,11 @@ def coupled_max(dc: torch.Tensor, dr: torch.Tensor, boxes: torch.Tensor,
     k = up_c.shape[2]
     c_all = torch.cat([coords[idx], values.expand(n_rows, k, g)], -1)
     c, order = torch.sort(c_all, dim=-1, descending=True, stable=True)
-    order4 = order[:, None].expand(-1, 4, -1, -1)
+    n_c = up_c.shape[1]  # corners
+    order4 = order[:, None].expand(-1, n_c, -1, -1)
 
     def merged(kept: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
-        both = torch.cat([kept, grouped[:, None].expand(-1, 4, -1, -1)], -1)
+        both = torch.cat([kept, grouped[:, None].expand(-1, n_c, -1, -1)], -1)
         return both.gather(-1, order4)
 
     up_all = merged(up_c, rest_up)
@@ -263,7 +265,7 @@ def _smallest_threshold(up_all: torch.Tensor, lo_all: torch.Tensor, err_up: torc
     """Smallest t with ``Σ_i w_i(θ)·(c_i − t) ≤ 0`` for all θ of each sub-box: (N, K).
 
     Entries are ordered by coordinate ``c`` (descending, (N, K, m)); ``up_all``/``lo_all``
-    (N, 4, K, m) are each weight's upper/lower affine bound at the sub-box's four corners
+    (N, C, K, m) are each weight's upper/lower affine bound at the sub-box's C corners
     (with one configuration of upper and lower bounds fixed the sum is affine in θ, so the
     corners decide), ``err_up``/``err_lo`` the magnitudes that bound their float64 error.
     Configuration k (the first k entries on their upper bound) is exact for t in
@@ -316,8 +318,11 @@ def _feasible_min(p0: torch.Tensor, p1: torch.Tensor, err: torch.Tensor, t_lo: t
 
 
 def _abs_corners(form: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """|c0| + |cα·α| + |cβ·β| at the four corners: the scale of a corner value's rounding."""
-    return form_corners(form.abs(), boxes.abs())
+    """|c0| + |cα·α| + |cβ·β| at the corners: the scale of a corner value's rounding.
+
+    The same corners as :func:`~.forms.form_corners` on ``boxes`` (|box| may be flatter).
+    """
+    return form_corners(form.abs(), boxes.abs(), corner_columns(boxes))
 
 
 def soft_argmax_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tensor,
@@ -351,7 +356,8 @@ def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor, boxes: torc
                          relu: bool = True) -> tuple[torch.Tensor, ...]:
     """Upper/lower affine bounds of r_i = relu(h_i) at the sub-box corners, with error scales.
 
-    Returns ``(up_c, lo_c, up_err, lo_err)``, each (N, 4, K, n). The rounding slack of the
+    Returns ``(up_c, lo_c, up_err, lo_err)``, each (N, C, K, n) (C corners,
+    :func:`~.forms.form_corners`). The rounding slack of the
     logits is relative to the heatmap's largest logit magnitude (centroids ignore the scale).
     Everything is per cell, so a caller that needs only some cells may pass their gathered
     forms with their magnitudes ``mag`` and the whole heatmap's ``scale`` (N, K, 1). With
@@ -366,7 +372,7 @@ def _relu_weight_corners(centre: torch.Tensor, radius: torch.Tensor, boxes: torc
     if relu:
         centre, radius, _ = relu_forms(centre, radius, boxes, 'parallel')
     up_form, lo_form = upper(centre, radius), lower(centre, radius)
-    up_c = form_corners(up_form, boxes)  # (N, 4, K, n)
+    up_c = form_corners(up_form, boxes)  # (N, C, K, n)
     lo_c = form_corners(lo_form, boxes)
     up_err = _abs_corners(up_form, boxes) + up_c.abs()
     lo_err = _abs_corners(lo_form, boxes) + lo_c.abs()
@@ -563,7 +569,7 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
             take = stable[:, None, :, 0]  # (N, 1, K, m): only the first window has them
 
             def placed(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                out = w.view(n_rows, 4, k_kp, n_l, m).clone()
+                out = w.view(n_rows, -1, k_kp, n_l, m).clone()
                 out[:, :, :, 0] = torch.where(take, e, out[:, :, :, 0])
                 return out.view(w.shape)
 
@@ -571,8 +577,8 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
             extra, mass = _moment_terms(moments, use, n_l)
 
     def window_view(t: torch.Tensor) -> torch.Tensor:
-        out = t.view(n_rows, 4, k_kp, n_l, m).masked_fill(~inside[:, None], 0.0)
-        return out.reshape(n_rows, 4, k_kp * n_l, m)
+        out = t.view(n_rows, -1, k_kp, n_l, m).masked_fill(~inside[:, None], 0.0)
+        return out.reshape(n_rows, -1, k_kp * n_l, m)
 
     up_w, lo_w, up_e, lo_e = (window_view(t) for t in weights)
     vanish = _vanishing(lo_w, lo_e, mass).view(n_rows, k_kp, n_l)
