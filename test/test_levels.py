@@ -476,6 +476,27 @@ def test_window_readout_takes_each_segments_candidates_where_the_hulls_do_not_se
     np.testing.assert_allclose(fast.boxes, slow.boxes, rtol=0, atol=1e-5)
 
 
+def test_window_moments_start_only_where_the_deadline_leaves_time_for_them(monkeypatch):
+    # Under a deadline the moments start only where WINDOW_SHARE of the level pass's own
+    # time is left; otherwise the plan ends with its rows' leaves (sound, a certificate).
+    import usn_perception.bounds.levels as levels_module
+
+    det = homogeneous_shallow(0, 'local-centroid')
+    image = one_sided(0, 'dark')
+    timed = Budget(1, max_ms=1e6, level_work=10_000)  # a deadline far away
+    with_window = certify_keypoints(det, image, NODE_BOX, backward=True, budget=timed)
+    assert with_window.stats['backward'] and with_window.stats['leaves'] > 1
+    monkeypatch.setattr(levels_module, 'WINDOW_SHARE', 1e12)  # never enough time left
+    skipped = certify_keypoints(det, image, NODE_BOX, backward=True, budget=timed)
+    assert not skipped.stats['backward']
+    assert skipped.stats['leaves'] == skipped.stats['rows'] == with_window.stats['rows']
+    assert skipped.certified.all()
+    assert_sound(det, image, NODE_BOX, skipped, 'local-centroid', grid=7)
+    untimed = certify_keypoints(det, image, NODE_BOX, backward=True,
+                                budget=Budget(1, level_work=10_000))  # no deadline: always
+    assert untimed.stats['backward']
+
+
 @pytest.mark.parametrize('readout', ['local-centroid', 'argmax'])
 @pytest.mark.parametrize('seed, side', [(0, 'dark'), (1, 'bright'), (3, 'dark')])
 def test_plans_sized_by_work_take_rows_then_offset_rows_then_parts_soundly(seed, side, readout):

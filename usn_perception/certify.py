@@ -118,10 +118,13 @@ OFFSET_LEAF_WORK = 3
 #: row per segment (see _plan_by_work).
 OFFSET_MIN_LEAVES = 3
 #: ``Budget.level_work`` units of the local-centroid window's moments (bounds.backward) with a
-#: readout leaf per segment. Measured on node frames (session 19, one thread): +9-10 ms a
-#: certificate at ~0.8 ms a unit. Under a time limit the window runs only where the work
-#: affords it on top of the smallest plan, and comes out of the work the plan gets.
-WINDOW_WORK = 12
+#: readout leaf per segment. Measured on node frames (session 20, one thread, after the
+#: window's readout read only its windows' cells): +5-7 ms a certificate against ~17 ms for
+#: the smallest plan without them (9 units at the ~1.9 ms a unit the node learns from such
+#: plans). Under a time limit the window runs only where the work affords it on top of the
+#: smallest plan, and comes out of the work the plan gets; and under a deadline only where
+#: the level pass leaves it time (bounds.levels.WINDOW_SHARE).
+WINDOW_WORK = 3
 
 
 def levels_possible(budget: Budget, level_nodes: int) -> bool:
@@ -552,8 +555,9 @@ def certify_keypoints(
     :class:`~usn_perception.bounds.spec.WindowMoments`) and give every clip segment a readout
     leaf of its own; True does so, False keeps the rows' bands, None (default) does so
     without a time limit and, under one, where the level work affords :data:`WINDOW_WORK`
-    for it on top of the smallest plan (measured on the node's frames: 3.64 -> 1.18 median
-    tightness at level work 13, 1.45 at work 7, at ~+10 ms).
+    for it on top of the smallest plan and the deadline leaves it time (measured on the
+    node's frames: 3.64 -> 1.18 median tightness at level work 13, 1.45 at work 7, at
+    ~+5-7 ms).
     ``nominal``: the caller's ``detector.predict(image, readout=readout)`` (K, 2), which saves
     one forward pass per frame (the image is still validated); ``nominal_heatmaps``, only
     with it, the same call's heatmaps (``detector.run(...).heatmaps``), which free sub-boxes

@@ -71,6 +71,12 @@ from usn_perception.bounds.thresholds import present_range
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
 TAU, KAPPA = 0, 1
+#: Under a deadline the window's moments (:mod:`.backward`, and the readout leaf per segment
+#: they bring) start only when at least this share of the level pass's own time is left:
+#: measured on node frames (session 20) they cost ~0.4-0.5 of it. Otherwise the plan ends as
+#: it would without them (its rows' leaves): looser, but a certificate, where running them
+#: would miss the deadline and leave none.
+WINDOW_SHARE = 0.6
 
 
 class LevelLogits(NamedTuple):
@@ -452,7 +458,8 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     deviation overflowed (the caller bounds the sub-box another way). ``window``: the
     moments of the cells within this many of each keypoint's reference argmax are bounded
     by :mod:`.backward` (float32 only; ``LevelLogits.moments``, :func:`_window_moments`), the
-    rest by the rows. ``precision``: the deviations'
+    rest by the rows; under a ``deadline`` only where :data:`WINDOW_SHARE` of the pass's time
+    is left for them. ``precision``: the deviations'
     dtype ('float32' needs :func:`~usn_perception.bounds.rounding.float32_problem` to have
     found nothing). ``offset``: every row also carries an offset row from the first ReLU on
     (:func:`_relu`), one more image per row in the layers after it, kept to the end:
@@ -464,6 +471,7 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     module outputs of that input (:func:`~usn_perception.bounds.layers.module_outputs`, e.g.
     ``Detector.run(..., trace=True).trace``), saves running it again.
     """
+    began = time.perf_counter()
     dtype, unit = (torch.float32, U32) if precision == 'float32' else (torch.float64, U64)
     if group is None:
         group = torch.arange(points.shape[0] - 1)
@@ -543,7 +551,9 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
                                                           o.double() + r.double())
     lo, hi = lo.flatten(1), hi.flatten(1)
     moments = None
-    if tape is not None and tape.start is not None:
+    now = time.perf_counter()
+    if tape is not None and tape.start is not None and (
+            deadline is None or now + WINDOW_SHARE * (now - began) < deadline):
         nodal = d.double().flatten(1)
         upper = (v0.flatten(1) + nodal.amax(0).clamp(min=0.0) + hi.amax(0).clamp(min=0.0))
         lower = (v0.flatten(1) + nodal.amin(0).clamp(max=0.0) + lo.amin(0).clamp(max=0.0))
