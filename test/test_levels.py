@@ -37,6 +37,7 @@ from usn_perception.bounds.spec import logit_ranges
 from usn_perception.bounds.thresholds import carve_free, threshold_row
 from usn_perception.certify import (
     LEAF_WORK,
+    NODE_BUDGET,
     NODES_PER_SUBBOX,
     OFFSET_LEAF_WORK,
     OFFSET_MIN_LEAVES,
@@ -445,7 +446,7 @@ def test_window_readout_takes_each_segments_candidates_where_the_hulls_do_not_se
         seed, side, monkeypatch):
     # With the window's moments the segments' argmax candidates come from one leaf over the
     # whole box, and their forms are computed on those windows only; where that leaf has
-    # too many candidates every segment finds its own on the whole heatmap. Both sound,
+    # more than one candidate every segment finds its own on the whole heatmap. Both sound,
     # and the same boxes up to the slack's scale (the hull's bounds the segments' from above).
     import usn_perception.certify as certify_module
 
@@ -456,7 +457,7 @@ def test_window_readout_takes_each_segments_candidates_where_the_hulls_do_not_se
 
     def seen(*args, **kwargs):
         windows = real(*args, **kwargs)
-        served.append(bool(windows.few.all()))
+        served.append(bool((windows.count == 1).all()))
         return windows
 
     monkeypatch.setattr(certify_module, 'local_windows', seen)
@@ -465,7 +466,7 @@ def test_window_readout_takes_each_segments_candidates_where_the_hulls_do_not_se
 
     def crowded(*args, **kwargs):
         windows = real(*args, **kwargs)
-        return windows._replace(few=torch.zeros_like(windows.few))
+        return windows._replace(count=windows.count + 1)
 
     monkeypatch.setattr(certify_module, 'local_windows', crowded)
     slow = certify_keypoints(det, image, NODE_BOX, backward=True, budget=budget)
@@ -474,6 +475,38 @@ def test_window_readout_takes_each_segments_candidates_where_the_hulls_do_not_se
     assert_sound(det, image, NODE_BOX, fast, 'local-centroid', grid=7)
     assert_sound(det, image, NODE_BOX, slow, 'local-centroid', grid=7)
     np.testing.assert_allclose(fast.boxes, slow.boxes, rtol=0, atol=1e-5)
+
+
+def test_window_readout_on_the_hulls_windows_gives_the_segments_own_boxes(monkeypatch):
+    # The shipped model on the certify bench's renders at the node box: the hull's windows
+    # (render 1: one candidate per keypoint) or the segments' own candidates (render 3: the
+    # hull has two for some keypoints; its windows would give every segment the extra
+    # candidate's window, ~20x wider) give the boxes the segments' own candidates give.
+    import usn_perception.certify as certify_module
+    from usn_perception.data.synthetic import SPLIT_BACKGROUNDS, render_sample
+
+    det = load_detector(DEFAULT)
+    rng = np.random.default_rng(2024)  # bench_certify.test_images
+    names = SPLIT_BACKGROUNDS['test']
+    renders = [render_sample(rng, names[i % len(names)], (384, 288)).image for i in range(4)]
+    real, counts = certify_module.local_windows, []
+
+    def seen(*args, **kwargs):
+        windows = real(*args, **kwargs)
+        counts.append(int(windows.count.max()))
+        return windows
+
+    def own(*args, **kwargs):  # every segment finds its own candidates
+        windows = real(*args, **kwargs)
+        return windows._replace(count=windows.count + 1)
+
+    for index, hull_candidates in ((1, 1), (3, 2)):
+        monkeypatch.setattr(certify_module, 'local_windows', seen)
+        cert = certify_keypoints(det, renders[index], NODE_BOX, budget=NODE_BUDGET)
+        assert cert.stats['backward'] and counts[-1] == hull_candidates
+        monkeypatch.setattr(certify_module, 'local_windows', own)
+        want = certify_keypoints(det, renders[index], NODE_BOX, budget=NODE_BUDGET)
+        np.testing.assert_allclose(cert.boxes, want.boxes, rtol=0, atol=1e-5)
 
 
 def test_window_moments_start_only_where_the_deadline_leaves_time_for_them(monkeypatch):

@@ -301,11 +301,13 @@ class _Evaluator:
         spread = reach.amax(-1, keepdim=True)
         moments = moments._replace(radius=moments.radius + spread)
         # The segments' argmax candidates from one leaf over the whole box (a candidate
-        # anywhere in a segment is one over the box): the segments' forms on their windows.
+        # anywhere in a segment is one over the box): where it has one per keypoint, so has
+        # every segment, and the segments' forms are needed on that window only. With more,
+        # each segment finds its own (the hull's extra ones would widen every segment's box).
         hull, c_hull, r_hull = c.hull()
         windows = local_windows(c_hull, r_hull + tau_reach(hull, reach_of)[:, None],
                                 _flat_along(hull, 1 - plan.axis), self.grid)
-        if bool(windows.few.all()):
+        if bool((windows.count == 1).all()):
             windows = windows.expand(part.shape[0])
             cells = windows.cells[0].flatten(1)  # (K, L·m)
             c_w, r_w = c.at(cells)
