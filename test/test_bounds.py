@@ -484,15 +484,35 @@ def test_centroid_bounds_contain_sampled_readouts(readout, spread):
     samples; spread 0 checks the exact case, 0.3 the vacuous-mass fallbacks.
     """
     gen = torch.Generator().manual_seed(11)
-    n_box, k, h, w = 5, 2, 9, 14
-    centre, radius = _two_peak_forms(gen, n_box, k, h, w, spread)
-    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
-                            indexing='ij')
-    grid = (gu.reshape(-1), gv.reshape(-1))
+    centre, radius, grid = _two_peak_setting(gen, spread)
     bound, read = {'centroid': (centroid_bounds, centroid),
                    'local-centroid': (local_centroid_bounds, local_centroid)}[readout]
     bounds = bound(centre, radius, SUB_BOXES, grid)
-    thetas = _sample_thetas(SUB_BOXES, 48, gen)
+    _assert_sampled_readouts_inside(gen, centre, radius, bounds, read, 48)
+    if spread == 0.0:  # exact forms: the bound is the readout's own range, not the grid
+        assert float((bounds[..., 1] - bounds[..., 0]).max()) < TWO_PEAK_HW[1] - 1
+
+
+#: (K, H, W) of the two-peak heatmaps of the sampled readout tests.
+TWO_PEAK_HW = (9, 14)
+
+
+def _two_peak_setting(gen: torch.Generator, spread: float) -> tuple:
+    """Two-peak forms on SUB_BOXES (2 keypoints, 9x14 cells) and their cell grid."""
+    (h, w), k = TWO_PEAK_HW, 2
+    centre, radius = _two_peak_forms(gen, SUB_BOXES.shape[0], k, h, w, spread)
+    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
+                            indexing='ij')
+    return centre, radius, (gu.reshape(-1), gv.reshape(-1))
+
+
+def _assert_sampled_readouts_inside(gen: torch.Generator, centre: torch.Tensor,
+                                    radius: torch.Tensor, bounds: torch.Tensor, read,
+                                    n_theta: int) -> None:
+    """Logits inside the forms' bounds (each end, and noise between) at sampled θ read inside."""
+    n_box, _, k, _ = centre.shape
+    h, w = TWO_PEAK_HW
+    thetas = _sample_thetas(SUB_BOXES, n_theta, gen)
     for i in range(thetas.shape[1]):
         for extreme in (-1.0, 1.0, 0.0):
             noise = torch.rand(n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1
@@ -501,9 +521,7 @@ def test_centroid_bounds_contain_sampled_readouts(readout, spread):
             uv = read(logits.view(n_box, k, h, w))
             assert bool(((uv[..., 0] >= bounds[..., 0]) & (uv[..., 0] <= bounds[..., 1])
                          & (uv[..., 1] >= bounds[..., 2]) & (uv[..., 1] <= bounds[..., 3])
-                         ).all()), (readout, spread, i)
-    if spread == 0.0:  # exact forms: the bound is the readout's own range, not the grid
-        assert float((bounds[..., 1] - bounds[..., 0]).max()) < w - 1
+                         ).all()), (i, extreme)
 
 
 @pytest.mark.parametrize('spread', [0.02, 0.3])
@@ -515,11 +533,7 @@ def test_local_centroid_bounds_on_given_windows(spread):
     readouts still read inside, on the sub-boxes' own forms at the windows' cells.
     """
     gen = torch.Generator().manual_seed(13)
-    n_box, k, h, w = 5, 2, 9, 14
-    centre, radius = _two_peak_forms(gen, n_box, k, h, w, spread)
-    gv, gu = torch.meshgrid(torch.arange(h, dtype=F64), torch.arange(w, dtype=F64),
-                            indexing='ij')
-    grid = (gu.reshape(-1), gv.reshape(-1))
+    centre, radius, grid = _two_peak_setting(gen, spread)
 
     def on_windows(windows: spec.LocalWindows) -> torch.Tensor:
         flat = windows.cells.flatten(2)
@@ -532,16 +546,7 @@ def test_local_centroid_bounds_on_given_windows(spread):
     wider = spec.local_windows(centre, radius * 2.0 + 0.25, SUB_BOXES, grid)
     assert bool((wider.count >= spec.local_windows(centre, radius, SUB_BOXES, grid).count).all())
     assert bool((wider.count > 1).any())
-    bounds = on_windows(wider)
-    thetas = _sample_thetas(SUB_BOXES, 32, gen)
-    for i in range(thetas.shape[1]):
-        for extreme in (-1.0, 1.0, 0.0):
-            noise = torch.rand(n_box, k, h * w, generator=gen, dtype=F64) * 2 - 1
-            logits = form_at(centre, thetas[:, i]) + (extreme if extreme else noise) * radius[:, 0]
-            uv = local_centroid(logits.view(n_box, k, h, w))
-            assert bool(((uv[..., 0] >= bounds[..., 0]) & (uv[..., 0] <= bounds[..., 1])
-                         & (uv[..., 1] >= bounds[..., 2]) & (uv[..., 1] <= bounds[..., 3])
-                         ).all()), (spread, i)
+    _assert_sampled_readouts_inside(gen, centre, radius, on_windows(wider), local_centroid, 32)
 
 
 def test_first_cells_are_a_stable_sorts_first_cells():
