@@ -280,8 +280,7 @@ class _Evaluator:
                            plan.groups(), nodes=plan.nodes,
                            precision='float32' if self.float32 else 'float64',
                            deadline=deadline, nominal=self.trace() if reuse else None,
-                           offset=plan.offset, window=self.window if plan.window else None,
-                           heatmap_hw=self.heatmap_hw)
+                           offset=plan.offset, window=self.window if plan.window else None)
         if out is None:
             return None
         if deadline is not None and time.perf_counter() > deadline:

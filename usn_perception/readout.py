@@ -26,6 +26,14 @@ from usn_perception.network import READOUTS
 LOCAL_RADIUS = 3
 
 
+def window_offsets(radius: int = LOCAL_RADIUS,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(du, dv), each (m,) with m = (2·radius + 1)²: a window's cell offsets, row-major."""
+    off = torch.arange(-radius, radius + 1, device=device)
+    dv, du = torch.meshgrid(off, off, indexing='ij')
+    return du.reshape(-1), dv.reshape(-1)
+
+
 def cell_grid(height: int, width: int, dtype: torch.dtype = torch.float64) -> tuple:
     """Flattened (u, v) coordinates of every heatmap cell, row-major like ``view(-1)``."""
     v, u = torch.meshgrid(

@@ -68,6 +68,7 @@ from usn_perception.bounds.propagate import BudgetExceeded
 from usn_perception.bounds.rounding import TINY, U32, U64, all_finite, gamma
 from usn_perception.bounds.spec import WindowMoments
 from usn_perception.bounds.thresholds import present_range
+from usn_perception.readout import window_offsets
 
 #: Axis indices of a (τ, κ) sub-box row [τ_lo, τ_hi, κ_lo, κ_hi].
 TAU, KAPPA = 0, 1
@@ -87,8 +88,8 @@ class LevelLogits(NamedTuple):
     offset: torch.Tensor
     mixed: int
     #: The readout window's moments bounded backward (``window`` asked and able): (peak (K,),
-    #: anchor (K, 2), stable (K, m), lo, hi (G' − 1, K, 3)) per segment, see
-    #: :class:`.spec.WindowMoments`.
+    #: anchor (K, 2), stable (K, m), lo, hi (G' − 1, K, 3) per segment, cells (K, m) each
+    #: window cell's v·W + u), see :class:`.spec.WindowMoments`.
     moments: tuple | None = None
 
 
@@ -570,11 +571,11 @@ def level_logits(net: CompiledNetwork, enc, points: torch.Tensor, axis: int, *,
     if flip:
         logits, radius, centre = logits.flip(0), radius.flip(0), centre.flip(0)
     if moments is not None:
-        peak, anchor, stable, m_lo, m_hi = moments
+        peak, anchor, stable, m_lo, m_hi, cells = moments
         m_lo, m_hi = m_lo.index_select(0, pick), m_hi.index_select(0, pick)
         if flip:
             m_lo, m_hi = m_lo.flip(0), m_hi.flip(0)
-        moments = (peak, anchor, stable, m_lo, m_hi)
+        moments = (peak, anchor, stable, m_lo, m_hi, cells)
     return LevelLogits(logits, radius, centre, unstable, moments)
 
 
@@ -589,15 +590,15 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     Σ δ, Σ (Δu − a_u)·δ, Σ (Δv − a_v)·δ (Δ from the reference argmax, a the anchor;
     :class:`.spec.WindowMoments`); the
     others that may be positive are bounded one by one, and their rows' band narrowed to it
-    in place. Returns (peak (K,), anchor (K, 2), stable (K, m), lo, hi (R, K, 3)), or None
-    where the backward bound cannot run.
+    in place. Returns (peak (K,), anchor (K, 2), stable (K, m), lo, hi (R, K, 3), cells
+    (K, m): each window cell's flat v·W + u, clamped to the heatmap), or None where the
+    backward bound cannot run.
     """
     k_kp, height, width = reference.shape
     peak = reference.reshape(k_kp, -1).argmax(1)
     pu, pv = peak % width, peak // width
     # The window's cells, row-major around each peak.
-    off = torch.arange(-window, window + 1)
-    dv, du = (t.reshape(-1) for t in torch.meshgrid(off, off, indexing='ij'))
+    du, dv = window_offsets(window)
     v, u = pv[:, None] + dv, pu[:, None] + du  # (K, m)
     inside = (v >= 0) & (v < height) & (u >= 0) & (u < width)
     flat = (torch.arange(k_kp)[:, None] * height + v.clamp(0, height - 1)) * width + (
@@ -623,8 +624,8 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     weights[:, :3] = coef * stable[:, None]
     kk, ii = mixed.nonzero(as_tuple=True)
     weights[kk, 3 + rank[kk, ii], ii] = 1.0
-    out = window_functionals(net, tape, (k_kp, height, width), flat - (
-        torch.arange(k_kp)[:, None] * height * width), weights)
+    cells = flat - torch.arange(k_kp)[:, None] * (height * width)  # per keypoint's map
+    out = window_functionals(net, tape, (k_kp, height, width), cells, weights)
     if out is None:
         return None
     f_lo, f_hi = out  # (R, K, F): per keypoint its three moments, then its mixed cells
@@ -652,7 +653,7 @@ def _window_moments(net: CompiledNetwork, tape: BackwardTape, reference: torch.T
     if bool((m_lo > m_hi).any()):  # two sound bounds of one sum must meet
         raise RuntimeError('internal soundness check failed: backward window moments miss '
                            'the rows\' bands')
-    return peak, anchor, stable, m_lo, m_hi
+    return peak, anchor, stable, m_lo, m_hi, cells
 
 
 def _rounding_step(op: LinearOp | AffineOp, m: torch.Tensor, unit: float,
@@ -847,8 +848,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
                  nodes: torch.Tensor | None = None,
                  precision: str = 'float32', deadline: float | None = None,
                  nominal: list[torch.Tensor] | tuple | None = None,
-                 offset: bool = True, window: int | None = None,
-                 heatmap_hw: tuple[int, int] | None = None) -> tuple | None:
+                 offset: bool = True, window: int | None = None) -> tuple | None:
     """Leaves of ``box`` (4,) from its level nodes, their forms and what bounded them.
 
     Returns (leaves, centre forms, radii, mixed count, the window's
@@ -864,7 +864,7 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     None when :func:`level_logits` is. ``leaves`` as in :func:`leaf_forms`; ``nodes``:
     :func:`level_nodes` of the box, when the caller has them; ``nominal``: the image's module
     outputs, ``offset`` the offset rows and ``window`` the backward-bounded cells (see
-    :func:`level_logits`; ``heatmap_hw`` the heatmap's (H, W), needed with it).
+    :func:`level_logits`).
     """
     values, weights = enc.values, enc.value_weights
     if nodes is None:
@@ -893,20 +893,12 @@ def level_bounds(net: CompiledNetwork, enc, box: torch.Tensor, axis: int,
     if moments is None:
         return (*leaf_forms(box, nodes, axis, logits[index], per_segment, leaves, per_offset),
                 mixed, None)
-    if heatmap_hw is None:
-        raise ValueError('level_bounds with a window needs heatmap_hw, the heatmap\'s (H, W)')
-    peak, anchor, stable, m_lo, m_hi = moments
+    peak, anchor, stable, m_lo, m_hi, cells = moments
     m_lo = torch.where(live, m_lo[seg], torch.minimum(m_lo[before], m_lo[seg]))
     m_hi = torch.where(live, m_hi[seg], torch.maximum(m_hi[before], m_hi[seg]))
     forms = SegmentForms(box, nodes, axis, logits[index], per_segment, per_offset)
-    # The interpolant's own forms (no band) on the window cells, row-major around each peak
-    # (cells off the heatmap take a clamped one: never stable, never used).
-    side = int(round(stable.shape[1] ** 0.5))
-    height, width = heatmap_hw
-    off = torch.arange(side) - side // 2
-    v = (peak // width)[:, None, None] + off[None, :, None]
-    u = (peak % width)[:, None, None] + off[None, None, :]
-    cells = (v.clamp(0, height - 1) * width + u.clamp(0, width - 1)).view(peak.shape[0], -1)
+    # The interpolant's own forms (no band) on the window cells (cells off the heatmap take
+    # a clamped one: never stable, never used).
     c_exact, r_exact = forms.at(cells, band=False)
     return forms.leaves(), forms, None, mixed, WindowMoments(peak, anchor, stable, m_lo, m_hi,
                                                              c_exact, r_exact)

@@ -35,7 +35,7 @@ from usn_perception.bounds.forms import (
     upper,
 )
 from usn_perception.bounds.propagate import relu_forms
-from usn_perception.readout import LOCAL_RADIUS
+from usn_perception.readout import LOCAL_RADIUS, window_offsets
 
 #: Relative slack on logit differences: rounding of float64 sums is ~1e-13 relative here.
 LOGIT_SLACK = 1e-7
@@ -497,10 +497,9 @@ def local_windows(centre: torch.Tensor, radius: torch.Tensor, boxes: torch.Tenso
                          (cand_box[..., 2] - window).clamp(min=0),
                          (cand_box[..., 3] + window).clamp(max=height - 1)], -1)
     valid = valid & few[..., None]
-    off = torch.arange(-window, window + 1, device=centre.device)
-    dv, du = torch.meshgrid(off, off, indexing='ij')
-    wu = pu[..., None] + du.reshape(-1)  # (N, K, L, m): row-major window offsets
-    wv = pv[..., None] + dv.reshape(-1)
+    du, dv = window_offsets(window, centre.device)
+    wu = pu[..., None] + du  # (N, K, L, m)
+    wv = pv[..., None] + dv
     inside = (wu >= 0) & (wu < width) & (wv >= 0) & (wv < height)
     cells = torch.where(inside, wv * width + wu, 0)
     return LocalWindows(count, few, cand, valid, grown, cells, inside,
@@ -550,9 +549,7 @@ def local_centroid_bounds(centre: torch.Tensor, radius: torch.Tensor, boxes: tor
     gu, gv = grid
     width = int(gu.max().item()) + 1
     pu, pv = cand % width, cand // width
-    off = torch.arange(-window, window + 1, device=centre.device)
-    dv, du = torch.meshgrid(off, off, indexing='ij')
-    du, dv = du.reshape(-1), dv.reshape(-1)  # (m,) row-major window offsets
+    du, dv = window_offsets(window, centre.device)
     n_rows, k_kp, n_l, m = cells.shape
     # The relu weights are per cell: bound them on the window cells only.
     weights = _relu_weight_corners(centre, radius, boxes, mag_w, scale)
